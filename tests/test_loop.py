@@ -1,0 +1,56 @@
+"""The two loop drivers give the same results, stop early, and do not recompile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pfc_jax import _loop
+
+
+def _decay_step(rate, carry):
+  """Halves-by-`rate` each value until it falls below 1; a no-op with zero output after that."""
+  done = carry < 1.0
+  new = jnp.where(done, carry, carry * rate)
+  return new, jnp.where(done, 0.0, new)
+
+
+def _all_below_one(rate, carry):
+  del rate
+  return jnp.all(carry < 1.0)
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_drivers_agree(with_stop):
+  carry = jnp.array([3.0, 40.0, 0.5])
+  stop = _all_below_one if with_stop else None
+  results = [
+      _loop.run_loop(_decay_step, 0.5, carry, 25, driver=d, stop=stop)
+      for d in ("compiled", "python")
+  ]
+  (c1, o1), (c2, o2) = results
+  np.testing.assert_allclose(c1, c2)
+  np.testing.assert_allclose(o1, o2)
+  assert o1.shape == (25, 3)
+  # 40 needs 6 halvings to drop below 1; after that its outputs are zeros.
+  np.testing.assert_allclose(c1, [0.75, 0.625, 0.5])
+  assert float(o1[5, 1]) == 0.625 and float(o1[6, 1]) == 0.0
+
+
+def test_python_driver_stops_early_and_does_not_recompile():
+  calls = []
+
+  def counting_step(rate, carry):
+    calls.append(1)  # runs only while tracing
+    return _decay_step(rate, carry)
+
+  carry = jnp.array([2.0, 4.0])
+  _loop.run_loop(counting_step, 0.5, carry, 500, driver="python", stop=_all_below_one)
+  _loop.run_loop(counting_step, 0.5, carry, 500, driver="python", stop=_all_below_one)
+  assert len(calls) == 1
+
+
+def test_resolve_driver():
+  assert _loop.resolve_driver("auto") == ("python" if jax.default_backend() == "cpu" else "compiled")
+  with pytest.raises(ValueError, match="driver"):
+    _loop.resolve_driver("scan")
