@@ -1,0 +1,120 @@
+"""Image loading with torchvision's ImageNet evaluation preprocessing.
+
+`load_image` = PIL decode, EXIF orientation, conversion to 8-bit RGB, torchvision's
+`Resize(round(size * 256 / 224))` (bilinear, antialiased, as PIL's `resize` does) and
+`CenterCrop(size)`, scaled to [0, 1]. `normalize` then applies the ImageNet mean and std.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pfc_jax.classifier import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "list_images", "load_image",
+           "normalize", "preprocess", "to_rgb"]
+
+
+def normalize(images01: jax.Array, mean: tuple[float, ...] = IMAGENET_MEAN,
+              std: tuple[float, ...] = IMAGENET_STD) -> jax.Array:
+  """`(images01 - mean) / std` per channel: `[..., 3]` in [0, 1] -> `[..., 3] float32`."""
+  images01 = jnp.asarray(images01, jnp.float32)
+  return (images01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB version of a decoded image of any mode.
+
+  Grey, palette, CMYK and the like convert as PIL's `convert("RGB")` does (alpha is dropped,
+  as torchvision's image folder loader does); 16-bit grey is scaled to 8 bits first.
+  """
+  if image.mode in _SIXTEEN_BIT_MODES:
+    values = np.asarray(image, np.float64)
+    image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+  elif image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")
+  return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def preprocess(image: Image.Image, size: int = 224) -> np.ndarray:
+  """torchvision's resize-and-centre-crop of a decoded image: `[size, size, 3] float32` in [0, 1].
+
+  The short side is resized to `round(size * 256 / 224)` and the long side to
+  `int(long * short_new / short)` with PIL's antialiased bilinear filter (torchvision's
+  `Resize` on PIL images), then the centre `size x size` is cropped with torchvision's
+  `CenterCrop` offsets `round((side - size) / 2)`. EXIF orientation is not applied here
+  (`load_image` does it).
+
+  Args:
+    image: A decoded PIL image, any mode.
+    size: Side of the output crop, at least 1.
+  """
+  if size < 1:
+    raise ValueError(f"`size` must be a positive number of pixels, got {size}.")
+  image = to_rgb(image)
+  width, height = image.size
+  short_new = round(size * 256 / 224)
+  if width <= height:
+    new_size = (short_new, int(short_new * height / width))
+  else:
+    new_size = (int(short_new * width / height), short_new)
+  image = image.resize(new_size, Image.BILINEAR)
+  left = int(round((new_size[0] - size) / 2.0))
+  top = int(round((new_size[1] - size) / 2.0))
+  image = image.crop((left, top, left + size, top + size))
+  return np.asarray(image, np.float32) / 255.0
+
+
+def load_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+  """Reads an image file as torchvision's ImageNet evaluation transform sees it.
+
+  Args:
+    path: Any format PIL reads (JPEG, PNG, ...); EXIF orientation is honoured.
+    size: Side of the square output.
+
+  Returns:
+    `[size, size, 3] float32` RGB in [0, 1].
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: naming `path`, when it is empty, corrupt, truncated or not an image.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
+  try:
+    with Image.open(path) as image:
+      image.load()
+      image = ImageOps.exif_transpose(image)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"Cannot read image {str(path)!r}: {e}") from e
+  return preprocess(image, size)
+
+
+def list_images(dir_or_glob: str | os.PathLike) -> list[Path]:
+  """Sorted image paths from a directory (its files with `IMAGE_EXTENSIONS`, not recursive),
+  a glob pattern, or a single file.
+
+  Raises:
+    ValueError: naming `dir_or_glob` when nothing matches.
+  """
+  pattern = str(dir_or_glob)
+  if os.path.isdir(pattern):
+    paths = [p for p in Path(pattern).iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+  else:
+    paths = [Path(p) for p in glob.glob(pattern) if os.path.isfile(p)]
+  if not paths:
+    raise ValueError(f"`dir_or_glob` {pattern!r} matches no image files.")
+  return sorted(paths)
