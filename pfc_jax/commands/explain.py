@@ -1,0 +1,114 @@
+"""`pfc-jax explain`: PFC saliency panels and arrays for a few image files.
+
+For each image, written atomically under --out: `<stem>.png` (image | coalitions | saliency over
+the image, titled with the class name and probability) and `<stem>.npz` (saliency, w, labels,
+target, probs); and `summary.json` with each image's class, probability and seconds and the
+settings used (the first image's seconds include compilation). Unreadable images are listed
+and skipped; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from pfc_jax import data, io, models, parallel, viz, weights
+from pfc_jax.classifier import Classifier
+from pfc_jax.explain import PRESETS, ExplainConfig, explain
+
+
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "explain", help="Explain a few images: PNG panels, .npz arrays and summary.json.",
+      description=(
+          "Explains the predicted class of each IMAGE with PFC. Writes OUT/<stem>.png, "
+          "OUT/<stem>.npz and OUT/summary.json; unreadable images are skipped and reported, and "
+          "the exit code is then 1."))
+  parser.add_argument("images", nargs="+", metavar="IMAGE",
+                      help="Image files (any format PIL reads).")
+  parser.add_argument("--model", required=True, choices=models.MODEL_NAMES,
+                      help="Classifier to explain.")
+  parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`); "
+                      "default: the model's cached or packaged weights.")
+  parser.add_argument("--preset", default="fast", choices=PRESETS, help="ExplainConfig preset.")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="Image i (in command-line order) gets fold_in(PRNGKey(seed), i).")
+  parser.add_argument("--image-size", type=int,
+                      help="Side of the square input in pixels; default: the model's own.")
+  parser.add_argument("--out", required=True, help="Output folder.")
+  parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+  parser.set_defaults(func=run)
+
+
+def load_model(name: str, source: str | None, config: ExplainConfig) -> tuple[Classifier, Any]:
+  """The classifier to explain and, if the coalition network copies VGG16, VGG16's variables."""
+  variables = weights.load(name, source=source)
+  vgg_params = None
+  if config.coalitions.init == "vgg16":
+    vgg_params = variables if name == "vgg16" else weights.load("vgg16")
+  return models.classifier(name, variables), vgg_params
+
+
+def _output_stems(paths: list[str]) -> list[str]:
+  """File stems, made unique with a `-<n>` suffix where two inputs share one."""
+  stems, seen = [], set()
+  for path in paths:
+    stem, n = Path(path).stem, 1
+    while stem in seen:
+      n += 1
+      stem = f"{Path(path).stem}-{n}"
+    seen.add(stem)
+    stems.append(stem)
+  return stems
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    config = ExplainConfig.preset(args.preset)
+    classifier, vgg_params = load_model(args.model, args.weights, config)
+    class_names = models.class_names(args.model)
+    size = args.image_size or models.input_size(args.model)
+  except ValueError as e:
+    print(f"pfc-jax explain: error: {e}", file=sys.stderr)
+    return 2
+  out = Path(args.out)
+  summary = {
+      "settings": {"model": args.model, "weights": args.weights, "preset": args.preset,
+                   "seed": args.seed, "image_size": size, "config": dataclasses.asdict(config)},
+      "images": [], "failed": []}
+  stems = _output_stems(args.images)
+  for index, (path, stem) in enumerate(
+      zip(tqdm.tqdm(args.images, desc="explain", unit="img", disable=args.no_progress), stems)):
+    try:
+      image = data.load_image(path, size)
+    except (OSError, ValueError) as e:
+      summary["failed"].append({"image": path, "error": str(e)})
+      continue
+    start = time.perf_counter()
+    result = jax.device_get(explain(
+        classifier, image[None], parallel.image_keys(args.seed, [index]), config, vgg_params))
+    seconds = time.perf_counter() - start
+    target, prob = int(result.target[0]), float(result.probs[0])
+    class_name = class_names[target] if target < len(class_names) else str(target)
+    viz.save_png(out / f"{stem}.png", viz.panel(
+        image, result.labels[0], result.saliency[0], f"{class_name} {prob:.2f}"))
+    io.write_npz(out / f"{stem}.npz", saliency=result.saliency[0], w=result.w[0],
+                 labels=result.labels[0], target=np.int32(target), probs=np.float32(prob))
+    summary["images"].append({
+        "image": path, "png": f"{stem}.png", "npz": f"{stem}.npz", "class_index": target,
+        "class_name": class_name, "probability": prob,
+        "num_coalitions": int(result.num_coalitions[0]), "seconds": round(seconds, 3)})
+    io.write_json(out / "summary.json", summary)
+  io.write_json(out / "summary.json", summary)
+  print(f"{out}: {len(summary['images'])} explained, {len(summary['failed'])} failed.")
+  for failure in summary["failed"]:
+    print(f"pfc-jax explain: skipped {failure['image']}: {failure['error']}", file=sys.stderr)
+  return 1 if summary["failed"] else 0

@@ -1,0 +1,84 @@
+"""The composed pipeline: presets, shapes and contracts of `explain`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pfc_jax import Classifier
+from pfc_jax.coalitions import CoalitionConfig
+from pfc_jax.explain import ExplainConfig, explain
+from pfc_jax.perturbation import PerturbConfig
+
+SIZE = 32
+
+
+def _tiny_cnn(params, x):
+  h = jax.lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(h).max(axis=(1, 2)) @ params["dense"]
+
+
+def _classifier():
+  rng = np.random.default_rng(0)
+  return Classifier(_tiny_cnn, {"conv": jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32),
+                                "dense": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)})
+
+
+def _images(batch=2):
+  return jnp.asarray(np.random.default_rng(1).uniform(size=(batch, SIZE, SIZE, 3)), jnp.float32)
+
+
+def test_paper_preset_is_the_authors_demo():
+  paper = ExplainConfig.preset("paper")
+  assert paper.perturb == PerturbConfig()
+  assert (paper.perturb.mask_weight, paper.perturb.confidence_weight,
+          paper.perturb.noise_samples, paper.perturb.steps) == (0.1, 100.0, 16, 500)
+  assert paper.perturb.consistency == "published"
+  assert paper.coalitions.init == "random" and paper.coalitions.max_steps == 500
+  fast, tiny = ExplainConfig.preset("fast"), ExplainConfig.preset("tiny")
+  cost = lambda config: config.perturb.steps * config.perturb.noise_samples
+  assert cost(fast) < cost(paper)
+  assert tiny.perturb.steps < fast.perturb.steps
+  with pytest.raises(ValueError, match="preset"):
+    ExplainConfig.preset("best")
+
+
+def test_config_rejects_too_few_coalition_slots():
+  with pytest.raises(ValueError, match="max_coalitions"):
+    ExplainConfig(CoalitionConfig(num_channels=20), PerturbConfig(max_coalitions=8))
+
+
+def test_explain_tiny_end_to_end():
+  classifier, images = _classifier(), _images()
+  config = ExplainConfig.preset("tiny")
+  result = explain(classifier, images, jax.random.key(0), config)
+  assert result.saliency.shape == result.labels.shape == (2, SIZE, SIZE)
+  assert result.w.shape == (2, SIZE, SIZE, 3)
+  assert result.labels.dtype == result.num_coalitions.dtype == result.target.dtype == jnp.int32
+  assert result.saliency.dtype == result.probs.dtype == jnp.float32
+  for labels, num in zip(np.asarray(result.labels), np.asarray(result.num_coalitions)):
+    assert set(np.unique(labels)) == set(range(num))
+  np.testing.assert_allclose(result.saliency, 1.0 - result.w.mean(-1), rtol=1e-6)
+  probs = jax.nn.softmax(classifier.logits(images), axis=-1)
+  np.testing.assert_array_equal(result.target, probs.argmax(-1))
+  np.testing.assert_allclose(result.probs, probs.max(-1), rtol=1e-5)
+  assert float(result.w.max()) > 0
+  # One key or the B keys it splits into: the same explanation.
+  split = explain(classifier, images, jax.random.split(jax.random.key(0), 2), config)
+  for a, b in zip(result, split):
+    np.testing.assert_array_equal(a, b)
+  other = explain(classifier, images, jax.random.key(1), config)
+  assert not np.array_equal(other.labels, result.labels)
+
+
+def test_explain_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="config"):
+    explain(_classifier(), _images(), jax.random.key(0), PerturbConfig())
+  with pytest.raises(ValueError, match="images"):
+    explain(_classifier(), _images()[..., :2], jax.random.key(0), ExplainConfig.preset("tiny"))
+  with pytest.raises(ValueError, match="key"):
+    explain(_classifier(), _images(), jax.random.split(jax.random.key(0), 3),
+            ExplainConfig.preset("tiny"))

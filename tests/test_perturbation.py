@@ -1,0 +1,240 @@
+"""The perturbation objective against an independent transcription, and perturb's guarantees."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util
+
+from pfc_jax import Classifier
+from pfc_jax.perturbation import PerturbConfig, gaussian_kernel, objective, perturb
+
+SIZE = 16
+
+
+def _tiny_cnn(params, x):
+  """[N, H, W, 3] -> logits [N, 4]: 3x3 conv, ReLU, global max, dense."""
+  h = jax.lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(h).max(axis=(1, 2)) @ params["dense"]
+
+
+def _tiny_classifier(seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"conv": jnp.asarray(rng.normal(size=(3, 3, 3, 6)), jnp.float32),
+            "dense": jnp.asarray(0.1 * rng.normal(size=(6, 4)), jnp.float32)}
+  return Classifier(_tiny_cnn, params)
+
+
+_objective = jax.jit(objective, static_argnums=6)
+
+
+def _linear(params, x):
+  return x.reshape(x.shape[0], -1) @ params
+
+
+# --- An independent numpy transcription of the authors' formulas (float64). ---
+
+def _np_conv_same(plane, kernel):
+  """2-D correlation of `plane [H, W]` with zero padding; kernels here are symmetric."""
+  pad = kernel.shape[0] // 2
+  padded = np.pad(plane, pad)
+  h, w = plane.shape
+  return sum(kernel[dy, dx] * padded[dy:dy + h, dx:dx + w]
+             for dy in range(kernel.shape[0]) for dx in range(kernel.shape[1]))
+
+
+def _np_gaussian(size, sigma):
+  g = np.zeros((size, size))
+  for i in range(size):
+    for j in range(size):
+      d2 = (i - size // 2) ** 2 + (j - size // 2) ** 2
+      g[i, j] = math.exp(-d2 / (2 * sigma**2)) / (2 * math.pi * sigma**2)
+  return g
+
+
+def _np_terms(w, logits, labels, target, num, variant, sigma=1.0, size=5):
+  """Unweighted terms of METHOD.md section 2 for one image, loop by loop."""
+  g = _np_gaussian(size, sigma)
+  masks = [(labels == i).astype(np.float64) for i in range(num)]
+  confidence = np.mean(np.maximum(0.0, logits - logits[:, [target]]))
+  if variant == "published":
+    consistency = -sum(np.mean(np.abs(_np_conv_same((w * m[..., None]).sum(-1), g))) for m in masks)
+  else:
+    consistency = 0.0
+    for m in masks:
+      weight = _np_conv_same(m, g)
+      for c in range(3):
+        local_mean = _np_conv_same(w[..., c] * m, g) / (weight + 1e-6)
+        consistency += np.sum(m * (w[..., c] - local_mean) ** 2) / w.size
+  laplacian = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
+  lap = np.stack([_np_conv_same(w[..., c], laplacian) for c in range(3)], -1)
+  smoothness = sum(np.mean((lap * m[..., None]) ** 2) for m in masks)
+  return {"mask": -w.mean(), "confidence": confidence, "consistency": consistency,
+          "smoothness": smoothness}
+
+
+@pytest.mark.parametrize("variant", ["published", "coalition"])
+def test_objective_matches_numpy_transcription(variant):
+  rng = np.random.default_rng(1)
+  num_classes, samples, num = 5, 3, 4
+  weights = rng.normal(size=(SIZE * SIZE * 3, num_classes)) * 0.05
+  classifier = Classifier(_linear, jnp.asarray(weights, jnp.float32))
+  w = rng.uniform(0, 1, size=(SIZE, SIZE, 3))
+  x = rng.normal(size=(SIZE, SIZE, 3))
+  noise = rng.normal(size=(samples, SIZE, SIZE, 3))
+  labels = rng.integers(0, num, size=(SIZE, SIZE))
+  noisy = (x[None] + noise * w[None]).reshape(samples, -1)
+  target = int(np.argsort((noisy @ weights).mean(0))[1])  # one that other classes overtake
+  config = PerturbConfig(consistency=variant, smoothness_weight=0.5, max_coalitions=6)
+  total, terms = _objective(
+      *(jnp.asarray(a, jnp.float32) for a in (w, x, noise)), jnp.asarray(labels, jnp.int32),
+      target, classifier, config)
+  expected = _np_terms(w, noisy @ weights, labels, target, num, variant)
+  assert expected["confidence"] > 0 and expected["smoothness"] > 0
+  for name, value in expected.items():
+    np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
+  weighted = (0.1 * expected["mask"] + 100 * expected["confidence"] + expected["consistency"]
+              + 0.5 * expected["smoothness"])
+  np.testing.assert_allclose(total, weighted, rtol=1e-5)
+
+
+def test_gaussian_is_the_unnormalised_paper_kernel():
+  np.testing.assert_allclose(gaussian_kernel(5, 1.0), _np_gaussian(5, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(gaussian_kernel(5, 1.0).sum(), 0.9818, atol=1e-4)
+
+
+def _consistency(w, labels, variant):
+  config = PerturbConfig(consistency=variant, max_coalitions=8)
+  noise = jnp.zeros((1, *w.shape))
+  _, terms = _objective(w, jnp.zeros_like(w), noise, labels, 0, _tiny_classifier(), config)
+  return float(terms["consistency"])
+
+
+def test_published_consistency_ignores_the_partition():
+  """w >= 0 and G >= 0 make |.| inert, and the masks partition the image, so by linearity
+  sum_i G * (w C_i) = G * w: any partition (or none) gives the same value."""
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.uniform(0, 1, size=(SIZE, SIZE, 3)), jnp.float32)
+  random_labels = jnp.asarray(rng.integers(0, 8, size=(SIZE, SIZE)), jnp.int32)
+  stripes = jnp.broadcast_to(jnp.arange(SIZE) // 4, (SIZE, SIZE)).astype(jnp.int32)
+  one = jnp.zeros((SIZE, SIZE), jnp.int32)
+  values = [_consistency(w, labels, "published") for labels in (random_labels, stripes, one)]
+  np.testing.assert_allclose(values, values[0], rtol=1e-5)
+  assert values[0] < 0
+
+
+def test_coalition_consistency_follows_the_partition():
+  rng = np.random.default_rng(3)
+  stripes = jnp.broadcast_to(jnp.arange(SIZE) // 4, (SIZE, SIZE)).astype(jnp.int32)
+  per_coalition = jnp.asarray(rng.uniform(0, 1, size=(4, 3)), jnp.float32)
+  piecewise_constant = per_coalition[stripes]
+  assert abs(_consistency(piecewise_constant, stripes, "coalition")) < 1e-6
+  assert _consistency(piecewise_constant, stripes.T, "coalition") > 1e-3
+  w = jnp.asarray(rng.uniform(0, 1, size=(SIZE, SIZE, 3)), jnp.float32)
+  assert not np.isclose(_consistency(w, stripes, "coalition"), _consistency(w, stripes.T, "coalition"))
+
+
+def test_objective_is_differentiable_in_its_arrays():
+  rng = np.random.default_rng(4)
+  labels = jnp.asarray(rng.integers(0, 3, size=(8, 8)), jnp.int32)
+  config = PerturbConfig(consistency="coalition", smoothness_weight=1.0)
+  with jax.enable_x64():
+    w = jnp.asarray(rng.uniform(0.2, 0.8, size=(8, 8, 3)))
+    x = jnp.asarray(rng.normal(size=(8, 8, 3)))
+    noise = jnp.asarray(rng.normal(size=(2, 8, 8, 3)))
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), _tiny_classifier().params)
+    f = jax.jit(lambda w, x, noise, params: objective(
+        w, x, noise, labels, 1, Classifier(_tiny_cnn, params), config)[0])
+    test_util.check_grads(f, (w, x, noise, params), order=1, modes=["rev"], eps=1e-4)
+
+
+def _square_apply(params, x):
+  """Class 0 holds while the energy of x inside the square stays below 0.1; class 1 is fixed."""
+  energy = (x**2 * params).sum(axis=(1, 2, 3)) / (3 * params.sum())
+  return jnp.stack([1.0 - 10.0 * energy, jnp.zeros_like(energy)], axis=-1)
+
+
+def test_saliency_is_high_only_where_the_classifier_looks():
+  size = 24
+  square = np.zeros((size, size, 1), np.float32)
+  square[6:14, 8:16] = 1.0
+  classifier = Classifier(_square_apply, jnp.asarray(square), mean=(0.5,) * 3, std=(1.0,) * 3)
+  images = jnp.full((1, size, size, 3), 0.5)
+  labels = jnp.zeros((1, size, size), jnp.int32)
+  config = PerturbConfig(steps=60, noise_samples=8, learning_rate=0.05)
+  result = perturb(classifier, images, labels, jax.random.key(0), config)
+  saliency = np.asarray(result.saliency[0])
+  inside = square[..., 0] > 0
+  assert int(result.target[0]) == 0
+  assert saliency[inside].mean() > 0.5, saliency[inside].mean()
+  assert saliency[~inside].mean() < 0.1, saliency[~inside].mean()
+  assert result.losses.shape == (1, 60) and float(result.losses[0, -1]) < float(result.losses[0, 1])
+
+
+def _batch(seed=0, batch=2):
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, size=(batch, SIZE, SIZE)), jnp.int32)
+  return images, labels
+
+
+# Shared by the tests below so that they share compilations. A large step and max_w make the
+# confidence term active, so the noise (and hence the key and the chunking) matters.
+CONFIG = PerturbConfig(steps=3, noise_samples=4, consistency="coalition", learning_rate=0.5,
+                       max_w=5.0)
+
+
+def test_chunked_noise_equals_the_plain_evaluation():
+  images, labels = _batch()
+  plain, chunked = (perturb(_tiny_classifier(), images, labels, jax.random.key(1), config)
+                    for config in (CONFIG, dataclasses.replace(CONFIG, noise_chunk=2)))
+  np.testing.assert_allclose(chunked.w, plain.w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(chunked.losses, plain.losses, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(plain.losses[0], plain.losses[1])
+
+
+def test_images_are_independent_of_their_batch_and_driver():
+  images, labels = _batch(seed=5)
+  keys = jax.random.split(jax.random.key(7), 2)
+  together = perturb(_tiny_classifier(), images, labels, keys, CONFIG)
+  alone = perturb(_tiny_classifier(), images[1:], labels[1:], keys[1:], CONFIG)
+  np.testing.assert_allclose(alone.w[0], together.w[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(alone.losses[0], together.losses[1], rtol=1e-5)
+  compiled = perturb(_tiny_classifier(), images, labels, jax.random.key(7),
+                     dataclasses.replace(CONFIG, driver="compiled"))
+  np.testing.assert_allclose(compiled.w, together.w, rtol=1e-5, atol=1e-6)
+  other_key = perturb(_tiny_classifier(), images, labels, jax.random.key(8), CONFIG)
+  assert not np.allclose(other_key.w, together.w)
+
+
+def test_does_not_recompile_for_new_images_or_params():
+  traces = []
+
+  def counting_cnn(params, x):
+    traces.append(1)
+    return _tiny_cnn(params, x)
+
+  for seed in range(2):
+    images, labels = _batch(seed)
+    classifier = Classifier(counting_cnn, _tiny_classifier(seed).params)
+    perturb(classifier, images, labels, jax.random.key(seed), CONFIG)
+    if seed == 0:
+      first = len(traces)
+  assert first > 0 and len(traces) == first
+
+
+def test_rejects_bad_arguments():
+  images, labels = _batch()
+  classifier = _tiny_classifier()
+  with pytest.raises(ValueError, match="labels"):
+    perturb(classifier, images, labels[:, :-1], jax.random.key(0), PerturbConfig(steps=1))
+  with pytest.raises(ValueError, match="max_coalitions"):
+    perturb(classifier, images, labels + 30, jax.random.key(0), PerturbConfig(steps=1))
+  with pytest.raises(ValueError, match="noise_chunk"):
+    PerturbConfig(noise_samples=16, noise_chunk=5)
+  with pytest.raises(ValueError, match="consistency"):
+    PerturbConfig(consistency="paper")
