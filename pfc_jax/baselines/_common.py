@@ -1,0 +1,122 @@
+"""Helpers shared by the baselines and the metrics: target scores, map resizing, chunked passes.
+
+Methods that need many forward passes per image (Score-CAM, Integrated Gradients, Occlusion,
+RISE, deletion/insertion curves) split them into chunks of fixed size: each chunk is one jitted
+call, driven from Python, and the chunks' outputs are summed. A compiled loop over the chunks
+would run convolutions inside `lax.scan`, measured 16-28x slower on XLA:CPU (see `pfc_jax._loop`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pfc_jax.classifier import Classifier
+
+
+def target_probabilities(classifier: Classifier, images01: jax.Array, target: jax.Array) -> jax.Array:
+  """Softmax probability of each image's target class.
+
+  Args:
+    classifier: The classifier.
+    images01: `[N, H, W, 3] float32` RGB in [0, 1].
+    target: `[N] int32` class indices.
+
+  Returns:
+    `[N] float32` probabilities.
+  """
+  probs = jax.nn.softmax(classifier.logits(images01).astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(probs, target[:, None], axis=1)[:, 0]
+
+
+def target_logits(classifier: Classifier, images01: jax.Array, target: jax.Array) -> jax.Array:
+  """`[N] float32` logit of each image's target class for `images01 [N, H, W, 3]` in [0, 1]."""
+  logits = classifier.logits(images01).astype(jnp.float32)
+  return jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+
+
+def resize_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Bilinearly resizes `maps [B, h, w]` to `[B, *size] float32` (identity when sizes match)."""
+  maps = maps.astype(jnp.float32)
+  if tuple(maps.shape[1:]) == tuple(size):
+    return maps
+  return jax.image.resize(maps, (maps.shape[0], *size), method="bilinear")
+
+
+def min_max_normalize(maps: jax.Array) -> jax.Array:
+  """Per-map min-max normalisation of `maps [B, H, W]` to [0, 1]; a constant map becomes all ones.
+
+  All ones, because a map that ranks no pixel above another keeps the whole image (for the
+  Grad-CAM++ metrics the image is then unchanged).
+  """
+  low = maps.min(axis=(1, 2), keepdims=True)
+  span = maps.max(axis=(1, 2), keepdims=True) - low
+  return jnp.where(span > 0, (maps - low) / jnp.where(span > 0, span, 1.0), 1.0)
+
+
+def num_chunks(total: int, chunk_size: int) -> int:
+  """How many chunks of `chunk_size` cover `total` items."""
+  return -(-total // chunk_size)
+
+
+def chunk_indices(chunk: jax.Array, chunk_size: int, total: int) -> tuple[jax.Array, jax.Array]:
+  """Item indices `[chunk_size] int32` of chunk `chunk` (clipped to `total - 1`) and their validity."""
+  index = chunk * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
+  return jnp.minimum(index, total - 1), index < total
+
+
+@functools.cache
+def _jit_chunk(chunk_fn: Callable) -> Callable:
+  return jax.jit(chunk_fn, static_argnums=0)
+
+
+def sum_over_chunks(chunk_fn: Callable, static: Any, count: int, *args: Any) -> Any:
+  """Sums `chunk_fn(static, chunk, *args)` over `chunk = 0 .. count - 1`.
+
+  Args:
+    chunk_fn: A module-level function; `static` (hashable) is bound at compile time, so every
+      chunk and every later call with the same shapes reuses one compilation.
+    static: Hashable settings, usually a frozen config.
+    count: Number of chunks.
+    *args: Array arguments (pytrees), the same for every chunk.
+
+  Returns:
+    The sum of the chunks' outputs (a pytree of arrays).
+  """
+  jitted = _jit_chunk(chunk_fn)
+  total = None
+  for chunk in range(count):
+    out = jitted(static, np.int32(chunk), *args)
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  return total
+
+
+def check_target(target, batch_size: int) -> jax.Array:
+  """Validates `target` as `[B]` integer class indices and returns it as int32.
+
+  Raises:
+    ValueError: if `target` is not integer or not of shape `[batch_size]`.
+  """
+  target = jnp.asarray(target)
+  if target.shape != (batch_size,) or not jnp.issubdtype(target.dtype, jnp.integer):
+    raise ValueError(
+        f"`target` must be {batch_size} integer class indices (one per image), got shape "
+        f"{tuple(target.shape)} and dtype {target.dtype}.")
+  return target.astype(jnp.int32)
+
+
+def check_config(config: Any, config_type: type) -> Any:
+  """`config_type()` for `None`, else `config` after checking its type.
+
+  Raises:
+    ValueError: if `config` is neither `None` nor a `config_type`.
+  """
+  if config is None:
+    return config_type()
+  if not isinstance(config, config_type):
+    raise ValueError(f"`config` must be a {config_type.__name__}, got {type(config).__name__}.")
+  return config

@@ -1,0 +1,252 @@
+"""Runs saliency methods on a set of images, scores them with every metric, and reports the means.
+
+Protocol (Grad-CAM++, RISE): each method explains the class the model predicts on the clean image.
+Images go through in batches; image `i` gets the PRNG key `fold_in(key(seed), first_index + i)`,
+so results do not depend on the batch size or on which slice of a data set is evaluated.
+
+Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` followed by optional
+`-`-separated modifiers that edit the PFC preset's `ExplainConfig`:
+
+- consistency: `published` | `coalition` | `off` (`PerturbConfig.consistency`);
+- coalition network init: `random` | `vgg16init` (`CoalitionConfig.init`; `vgg16init` needs VGG16
+  weights);
+- preset: `tiny` | `fast` | `paper` (replaces the evaluation's preset for this method).
+
+For example `pfc`, `pfc-coalition`, `pfc-off`, `pfc-vgg16init`, `pfc-coalition-paper`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from pfc_jax import baselines, metrics
+from pfc_jax._inputs import check_images
+from pfc_jax.classifier import Classifier
+from pfc_jax.explain import ExplainConfig, explain
+
+DEFAULT_METHODS = ("pfc", "gradcam", "scorecam", "integrated_gradients", "occlusion", "rise")
+PFC_MODIFIERS = {
+    "published": ("perturb", "consistency", "published"),
+    "coalition": ("perturb", "consistency", "coalition"),
+    "off": ("perturb", "consistency", "off"),
+    "random": ("coalitions", "init", "random"),
+    "vgg16init": ("coalitions", "init", "vgg16"),
+}
+PRESETS = ("tiny", "fast", "paper")  # Those of `ExplainConfig.preset`.
+# Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
+TINY_BASELINES = {
+    "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
+    "occlusion": baselines.OcclusionConfig(patch_size=16, stride=16),
+    "rise": baselines.RISEConfig(num_masks=64, chunk_size=32),
+}
+
+# (report key, column title, scale, format) in table order; percentages are scaled by 100.
+COLUMNS = (
+    ("average_drop", "Avg drop % (lower)", 100.0, ".2f"),
+    ("increase_in_confidence", "Incr. conf. % (higher)", 100.0, ".2f"),
+    ("deletion_auc", "Deletion AUC (lower)", 1.0, ".3f"),
+    ("insertion_auc", "Insertion AUC (higher)", 1.0, ".3f"),
+    ("pointing_game", "Pointing game % (higher)", 100.0, ".1f"),
+    ("relevance_mass", "Relevance mass (higher)", 1.0, ".3f"),
+    ("seconds_per_image", "s / image", 1.0, ".3g"),
+)
+
+Method = Callable[[Classifier, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """What `evaluate` runs and how.
+
+  Attributes:
+    methods: Method names (see the module docstring); default every baseline and `pfc`.
+    preset: `ExplainConfig` preset for the PFC methods: "tiny", "fast" (default) or "paper".
+      "tiny" also shrinks the baselines (`TINY_BASELINES`); otherwise they run their defaults.
+    batch_size: Images per call of a method and of the metrics; default 4.
+    seed: Seed of the per-image PRNG keys; default 0.
+    curve_steps: Steps of the deletion and insertion curves; default 32.
+    pointing_tolerance: Pointing-game tolerance in pixels; default 15.
+  """
+  methods: tuple[str, ...] = DEFAULT_METHODS
+  preset: str = "fast"
+  batch_size: int = 4
+  seed: int = 0
+  curve_steps: int = metrics.DELETION_STEPS
+  pointing_tolerance: float = metrics.POINTING_TOLERANCE
+
+  def __post_init__(self):
+    object.__setattr__(self, "methods", tuple(self.methods))
+    if self.preset not in PRESETS:
+      raise ValueError(f"`preset` must be one of {PRESETS}, got {self.preset!r}.")
+    if not self.methods:
+      raise ValueError("`methods` must name at least one method.")
+    for name in self.methods:
+      method_spec(name, self.preset)
+    if self.batch_size < 1 or self.curve_steps < 1:
+      raise ValueError(
+          f"`batch_size` and `curve_steps` must be >= 1, got {self.batch_size} and {self.curve_steps}.")
+
+
+def method_spec(name: str, preset: str) -> tuple[str, Any]:
+  """Parses a method name into `(baseline name, None)` or `("pfc", ExplainConfig)`.
+
+  Raises:
+    ValueError: for an unknown method or PFC modifier, or two modifiers of one kind.
+  """
+  if name in baselines.METHODS:
+    return name, None
+  head, *modifiers = name.split("-")
+  if head != "pfc":
+    raise ValueError(
+        f"Unknown method {name!r}; choose from pfc[-modifiers] or {sorted(baselines.METHODS)}.")
+  presets = [m for m in modifiers if m in PRESETS]
+  edits = [m for m in modifiers if m not in PRESETS]
+  unknown = [m for m in edits if m not in PFC_MODIFIERS]
+  fields = [PFC_MODIFIERS[m][:2] for m in edits if m in PFC_MODIFIERS]
+  if unknown or len(presets) > 1 or len(set(fields)) != len(fields):
+    raise ValueError(
+        f"Bad PFC method {name!r}: modifiers are one preset of {PRESETS} and at most one of each "
+        f"kind from {sorted(PFC_MODIFIERS)}.")
+  config = ExplainConfig.preset(presets[0] if presets else preset)
+  for modifier in edits:
+    part, field, value = PFC_MODIFIERS[modifier]
+    config = dataclasses.replace(
+        config, **{part: dataclasses.replace(getattr(config, part), **{field: value})})
+  return "pfc", config
+
+
+def needs_vgg_params(config: EvaluationConfig) -> bool:
+  """Whether a PFC method of `config` initialises its coalition network from VGG16."""
+  specs = [method_spec(name, config.preset)[1] for name in config.methods]
+  return any(spec is not None and spec.coalitions.init == "vgg16" for spec in specs)
+
+
+def method_function(name: str, preset: str, vgg_params: Any = None) -> Method:
+  """The saliency function `(classifier, images, target, keys) -> [B, H, W]` of method `name`."""
+  kind, config = method_spec(name, preset)
+  if kind != "pfc":
+    return functools.partial(
+        baselines.METHODS[kind], config=TINY_BASELINES.get(kind) if preset == "tiny" else None)
+  return functools.partial(_pfc_saliency, config=config, vgg_params=vgg_params)
+
+
+def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, key: jax.Array, *,
+                  config: Any, vgg_params: Any) -> jax.Array:
+  """PFC saliency; PFC explains the predicted class itself, which is `target` by protocol."""
+  del target
+  return explain(classifier, images, key, config, vgg_params=vgg_params).saliency
+
+
+@jax.jit
+def _predictions(classifier: Classifier, images: jax.Array) -> jax.Array:
+  return jnp.argmax(classifier.logits(images), axis=-1).astype(jnp.int32)
+
+
+def _batches(count: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+  """`(indices [min(batch_size, count)], number of real images)` per batch.
+
+  The last batch is padded by repeating the last image, so that every batch has one shape and
+  every jitted function compiles once.
+  """
+  size = min(batch_size, count)
+  return [(np.minimum(np.arange(start, start + size), count - 1), min(size, count - start))
+          for start in range(0, count, size)]
+
+
+def _score_batch(classifier: Classifier, images: jax.Array, saliency: jax.Array, target: jax.Array,
+                 masks: np.ndarray | None, config: EvaluationConfig) -> dict[str, np.ndarray]:
+  scores = {
+      "average_drop": metrics.average_drop(classifier, images, saliency, target),
+      "increase_in_confidence": metrics.increase_in_confidence(classifier, images, saliency, target),
+      "deletion_auc": metrics.deletion_auc(
+          classifier, images, saliency, target, num_steps=config.curve_steps),
+      "insertion_auc": metrics.insertion_auc(
+          classifier, images, saliency, target, num_steps=config.curve_steps),
+  }
+  if masks is not None:
+    scores["pointing_game"] = metrics.pointing_game(saliency, masks, config.pointing_tolerance)
+    scores["relevance_mass"] = metrics.relevance_mass(saliency, masks)
+  return {k: np.asarray(v) for k, v in scores.items()}
+
+
+def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = None, *,
+             labels=None, masks=None, model: str = "", vgg_params: Any = None,
+             first_index: int = 0, progress: bool = True) -> dict[str, Any]:
+  """Runs every method of `config` on `images` and averages every metric.
+
+  Args:
+    classifier: The classifier to explain.
+    images: `[N, H, W, 3] float32` RGB in [0, 1].
+    config: What to run; default `EvaluationConfig()`.
+    labels: Optional `[N]` true classes; adds `top1_accuracy` (%) to the report.
+    masks: Optional `[N, H, W] bool` object masks; adds `pointing_game` (%) and `relevance_mass`.
+    model: Model name recorded in the report.
+    vgg_params: VGG16 variables for PFC's `vgg16init` variant.
+    first_index: Index of `images[0]` in its data set (for the per-image keys).
+    progress: Show a progress bar on stderr.
+
+  Returns:
+    `{"model", "images", "preset", "seed", ["top1_accuracy",] "methods": {name: {"average_drop",
+    "increase_in_confidence" (both %), "deletion_auc", "insertion_auc", ["pointing_game" (%),
+    "relevance_mass",] "seconds_per_image"}}}`. Seconds per image are wall-clock time of the
+    method alone (metrics excluded), compilation included.
+  """
+  config = EvaluationConfig() if config is None else config
+  images = check_images(images)
+  count = images.shape[0]
+  if masks is not None:
+    masks = np.asarray(masks)
+    if masks.shape != images.shape[:3] or masks.dtype != bool:
+      raise ValueError(
+          f"`masks` must be {tuple(images.shape[:3])} bool, got {masks.shape} {masks.dtype}.")
+  batches = _batches(count, config.batch_size)
+  target = jnp.concatenate([_predictions(classifier, images[b])[:real] for b, real in batches])
+  base_key = jax.random.key(config.seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.arange(count) + first_index)
+
+  report: dict[str, Any] = {"model": model, "images": count, "preset": config.preset,
+                            "seed": config.seed}
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (count,):
+      raise ValueError(f"`labels` must have shape ({count},), got {labels.shape}.")
+    report["top1_accuracy"] = float(100.0 * np.mean(np.asarray(target) == labels))
+  report["methods"] = {}
+  with tqdm.tqdm(total=count * len(config.methods), desc="evaluate", unit="image",
+                 disable=not progress) as bar:
+    for name in config.methods:
+      method = method_function(name, config.preset, vgg_params)
+      seconds, scores = 0.0, []
+      for b, real in batches:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        saliency = jax.block_until_ready(method(classifier, images[b], target[b], keys[b]))
+        seconds += (time.perf_counter() - start) * real / len(b)  # Padding excluded.
+        batch_scores = _score_batch(classifier, images[b], saliency, target[b],
+                                    None if masks is None else masks[b], config)
+        scores.append({key: value[:real] for key, value in batch_scores.items()})
+        bar.update(real)
+      means = {key: float(np.mean(np.concatenate([s[key] for s in scores]))) for key in scores[0]}
+      report["methods"][name] = {
+          key: means[key] * scale for key, _, scale, _ in COLUMNS if key in means}
+      report["methods"][name]["seconds_per_image"] = seconds / count
+  return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+  """The report's methods as a Markdown table, one row per method."""
+  first = next(iter(report["methods"].values()))
+  columns = [(key, title, fmt) for key, title, _, fmt in COLUMNS if key in first]
+  lines = ["| Method | " + " | ".join(title for _, title, _ in columns) + " |",
+           "|---|" + "---:|" * len(columns)]
+  for name, values in report["methods"].items():
+    lines.append(f"| {name} | " + " | ".join(format(values[key], fmt) for key, _, fmt in columns) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Each baseline finds the evidence of a hand-built classifier; call-shape and argument checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pfc_jax import Classifier, baselines, metrics
+from pfc_jax.baselines import _common
+from pfc_jax.baselines.integrated_gradients import _gradient_chunk
+from pfc_jax.baselines.rise import random_masks
+
+SIZE = 16
+# Channel 0 detects red, channel 1 green: a 1x1 convolution, ReLU, then 2x2 average pooling.
+COLOUR_DETECTORS = np.array([[1.0, -0.5], [-0.5, 1.0], [-0.5, -0.5]], np.float32)
+
+
+def colour_features(params, x):
+  """`[B, H/2, W/2, 2]` redness and greenness maps of normalised images `x [B, H, W, 3]`."""
+  features = jax.nn.relu(x @ params["detectors"])
+  batch, height, width, channels = features.shape
+  return features.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
+
+
+def colour_head(params, features):
+  """Logits `[B, 2]`: class 0 = mean redness, class 1 = mean greenness, times a scale."""
+  return params["scale"] * features.mean(axis=(1, 2))
+
+
+def colour_apply(params, x):
+  return colour_head(params, colour_features(params, x))
+
+
+def colour_classifier() -> Classifier:
+  """Classifies an image as red (0) or green (1) by its total amount of that colour."""
+  params = {"detectors": jnp.asarray(COLOUR_DETECTORS), "scale": jnp.float32(60.0)}
+  return Classifier(colour_apply, params, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                    features_fn=colour_features, head_fn=colour_head)
+
+
+def colour_images(count: int = 2, seed: int = 0):
+  """Grey textured images with a red 5x5 square (the class-0 evidence) and a green distractor.
+
+  Returns:
+    `(images [count, 16, 16, 3] float32, masks [count, 16, 16] bool)`, masks marking the red square.
+  """
+  rng = np.random.default_rng(seed)
+  images = np.repeat(rng.uniform(0.3, 0.6, (count, SIZE, SIZE, 1)), 3, axis=-1).astype(np.float32)
+  masks = np.zeros((count, SIZE, SIZE), bool)
+  for i in range(count):
+    red_y, red_x = rng.integers(0, SIZE - 5, 2)
+    green_y, green_x = (red_y + 8) % (SIZE - 3), (red_x + 8) % (SIZE - 3)
+    images[i, green_y:green_y + 3, green_x:green_x + 3] = [0.1, 0.9, 0.1]
+    images[i, red_y:red_y + 5, red_x:red_x + 5] = [0.9, 0.1, 0.1]
+    masks[i, red_y:red_y + 5, red_x:red_x + 5] = True
+  return images, masks
+
+
+FAST_CONFIGS = {
+    "gradcam": None,
+    "scorecam": baselines.ScoreCAMConfig(chunk_size=1),
+    "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=16, chunk_size=8),
+    "occlusion": baselines.OcclusionConfig(patch_size=4, stride=2, chunk_size=16),
+    "rise": baselines.RISEConfig(num_masks=400, cells=4, chunk_size=100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+def test_baseline_finds_the_evidence_region(name):
+  classifier = colour_classifier()
+  images, masks = colour_images()
+  target = np.zeros(2, np.int32)
+  saliency = baselines.METHODS[name](classifier, images, target, jax.random.key(0), FAST_CONFIGS[name])
+  assert saliency.shape == (2, SIZE, SIZE) and saliency.dtype == jnp.float32
+  np.testing.assert_array_equal(metrics.pointing_game(saliency, masks, tolerance=1.0), 1.0)
+  area_share = masks.mean(axis=(1, 2))
+  assert np.all(metrics.relevance_mass(saliency, masks) > 1.5 * area_share)
+
+
+def test_the_green_class_moves_the_evidence():
+  classifier = colour_classifier()
+  images, red_masks = colour_images()
+  saliency = baselines.gradcam(classifier, images, np.ones(2, np.int32))
+  np.testing.assert_array_equal(metrics.pointing_game(saliency, red_masks, tolerance=0.0), 0.0)
+
+
+def test_rise_gives_one_key_and_split_keys_the_same_maps():
+  classifier = colour_classifier()
+  images, _ = colour_images()
+  config = baselines.RISEConfig(num_masks=30, chunk_size=16)
+  key = jax.random.key(3)
+  target = np.zeros(2, np.int32)
+  one = baselines.rise(classifier, images, target, key, config)
+  split = baselines.rise(classifier, images, target, jax.random.split(key, 2), config)
+  other = baselines.rise(classifier, images, target, jax.random.key(4), config)
+  np.testing.assert_allclose(one, split)
+  assert not np.allclose(one, other)
+
+
+def test_rise_masks_keep_the_requested_share():
+  masks = jax.jit(random_masks, static_argnums=(0, 2, 3, 4))(
+      baselines.RISEConfig(keep_probability=0.3), jax.random.key(0), 200, 20, 24)
+  assert masks.shape == (200, 20, 24)
+  assert float(masks.min()) >= 0.0 and float(masks.max()) <= 1.0
+  assert abs(float(masks.mean()) - 0.3) < 0.05
+
+
+def test_chunk_size_does_not_change_results():
+  classifier = colour_classifier()
+  images, _ = colour_images()
+  target = np.zeros(2, np.int32)
+  small = baselines.OcclusionConfig(patch_size=4, stride=3, chunk_size=5)
+  large = baselines.OcclusionConfig(patch_size=4, stride=3, chunk_size=64)
+  np.testing.assert_allclose(baselines.occlusion(classifier, images, target, None, small),
+                             baselines.occlusion(classifier, images, target, None, large), atol=1e-6)
+
+
+def test_repeated_calls_do_not_recompile():
+  classifier = colour_classifier()
+  images, _ = colour_images()
+  config = FAST_CONFIGS["integrated_gradients"]
+  target = np.zeros(2, np.int32)
+  baselines.integrated_gradients(classifier, images, target, None, config)
+  jitted = _common._jit_chunk(_gradient_chunk)
+  size = jitted._cache_size()
+  baselines.integrated_gradients(colour_classifier(), images[::-1], target + 1, None, config)
+  assert jitted._cache_size() == size
+
+
+def test_class_activation_methods_need_a_feature_split():
+  classifier = Classifier(colour_apply, colour_classifier().params, mean=(0, 0, 0), std=(1, 1, 1))
+  images, _ = colour_images()
+  for method in (baselines.gradcam, baselines.scorecam):
+    with pytest.raises(ValueError, match="features_fn"):
+      method(classifier, images, np.zeros(2, np.int32))
+
+
+@pytest.mark.parametrize("make_config, match", [
+    (lambda: baselines.OcclusionConfig(stride=0), "stride"),
+    (lambda: baselines.OcclusionConfig(fill=2.0), "fill"),
+    (lambda: baselines.RISEConfig(keep_probability=0.0), "keep_probability"),
+    (lambda: baselines.IntegratedGradientsConfig(num_steps=0), "num_steps"),
+    (lambda: baselines.ScoreCAMConfig(chunk_size=0), "chunk_size"),
+])
+def test_bad_configs_raise(make_config, match):
+  with pytest.raises(ValueError, match=match):
+    make_config()
+
+
+def test_bad_arguments_raise():
+  classifier = colour_classifier()
+  images, _ = colour_images()
+  with pytest.raises(ValueError, match="target"):
+    baselines.gradcam(classifier, images, np.zeros(3, np.int32))
+  with pytest.raises(ValueError, match="config"):
+    baselines.occlusion(classifier, images, np.zeros(2, np.int32), None, baselines.RISEConfig())

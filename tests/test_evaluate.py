@@ -1,0 +1,147 @@
+"""The evaluation loop on a hand-built classifier, and `pfc-jax evaluate` end to end."""
+
+import dataclasses
+import importlib.resources
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from pfc_jax import baselines, cli, evaluation, metrics
+from pfc_jax.benchmarks import shapes
+from pfc_jax.commands import evaluate as evaluate_command
+from pfc_jax.explain import ExplainConfig
+from test_baselines import colour_classifier, colour_images
+
+HAS_SHAPES_WEIGHTS = importlib.resources.files("pfc_jax").joinpath("assets/shapes_cnn.safetensors").is_file()
+FAST = ("gradcam", "occlusion", "rise")
+
+
+def test_report_holds_the_metrics_of_each_method():
+  classifier = colour_classifier()
+  images, masks = colour_images(2)
+  config = evaluation.EvaluationConfig(methods=FAST, preset="tiny", batch_size=2, curve_steps=8)
+  report = evaluation.evaluate(classifier, images, config, labels=np.array([0, 1]), masks=masks,
+                               model="colours", progress=False)
+  assert report["model"] == "colours" and report["images"] == 2
+  assert report["top1_accuracy"] == 50.0
+  assert list(report["methods"]) == list(FAST)
+  for values in report["methods"].values():
+    assert set(values) == {key for key, *_ in evaluation.COLUMNS}
+    assert values["seconds_per_image"] > 0
+
+  # Grad-CAM is deterministic: the report's means are the metrics of its maps.
+  target = np.zeros(2, np.int32)
+  saliency = baselines.gradcam(classifier, images, target)
+  gradcam = report["methods"]["gradcam"]
+  np.testing.assert_allclose(
+      gradcam["average_drop"], 100 * np.mean(metrics.average_drop(classifier, images, saliency, target)),
+      rtol=1e-5)
+  np.testing.assert_allclose(
+      gradcam["deletion_auc"],
+      np.mean(metrics.deletion_auc(classifier, images, saliency, target, num_steps=8)), rtol=1e-5)
+  assert gradcam["pointing_game"] == 100.0
+  np.testing.assert_allclose(gradcam["relevance_mass"],
+                             np.mean(metrics.relevance_mass(saliency, masks)), rtol=1e-5)
+
+
+def test_results_do_not_depend_on_batch_size_or_slice():
+  classifier = colour_classifier()
+  images, _ = colour_images(3)
+  config = evaluation.EvaluationConfig(methods=("rise",), preset="tiny", batch_size=2, curve_steps=8)
+  whole = evaluation.evaluate(classifier, images, config, progress=False)  # Pads the last batch.
+  singles = evaluation.evaluate(
+      classifier, images, dataclasses.replace(config, batch_size=1), progress=False)
+  tail = evaluation.evaluate(classifier, images[1:], config, first_index=1, progress=False)
+  head = evaluation.evaluate(classifier, images[:1], config, progress=False)
+  for key in ("average_drop", "insertion_auc"):
+    np.testing.assert_allclose(whole["methods"]["rise"][key], singles["methods"]["rise"][key], rtol=1e-5)
+    np.testing.assert_allclose(
+        whole["methods"]["rise"][key],
+        (head["methods"]["rise"][key] + 2 * tail["methods"]["rise"][key]) / 3, rtol=1e-5)
+
+
+def test_markdown_table_has_one_row_per_method():
+  report = {"methods": {"a": {"average_drop": 12.345, "deletion_auc": 0.12345, "seconds_per_image": 2.0},
+                        "b": {"average_drop": 50.0, "deletion_auc": 0.5, "seconds_per_image": 0.25}}}
+  lines = evaluation.markdown_table(report).splitlines()
+  assert len(lines) == 4
+  assert "Avg drop" in lines[0] and "Deletion" in lines[0] and "Pointing" not in lines[0]
+  assert lines[2] == "| a | 12.35 | 0.123 | 2 |"
+
+
+@pytest.mark.parametrize("name", ["nope", "pfc-bogus", "pfc-coalition-off", "pfc-fast-paper"])
+def test_bad_method_names_raise(name):
+  with pytest.raises(ValueError, match="method"):
+    evaluation.method_spec(name, "fast")
+
+
+def test_pfc_method_names_edit_the_preset():
+  kind, config = evaluation.method_spec("pfc-coalition-vgg16init-paper", "fast")
+  paper = ExplainConfig.preset("paper")
+  assert kind == "pfc"
+  assert config.perturb == dataclasses.replace(paper.perturb, consistency="coalition")
+  assert config.coalitions == dataclasses.replace(paper.coalitions, init="vgg16")
+  assert evaluation.method_spec("pfc", "tiny")[1] == ExplainConfig.preset("tiny")
+  assert evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-vgg16init",)))
+  assert not evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-off", "gradcam")))
+
+
+def test_pfc_runs_in_the_evaluation():
+  config = evaluation.EvaluationConfig(methods=("pfc",), preset="tiny", curve_steps=4)
+  images, _ = colour_images(1)
+  report = evaluation.evaluate(colour_classifier(), images, config, progress=False)
+  assert 0.0 <= report["methods"]["pfc"]["average_drop"] <= 100.0
+
+
+def test_read_labels_names_the_missing_column(tmp_path):
+  path = tmp_path / "labels.csv"
+  path.write_text("file,label\na.png,1\n")
+  with pytest.raises(ValueError, match="class_index"):
+    evaluate_command.read_labels(path)
+
+
+def _run_cli(args, capsys):
+  code = cli.main(["evaluate", *args, "--no-progress"])
+  return code, capsys.readouterr()
+
+
+@pytest.mark.skipif(not HAS_SHAPES_WEIGHTS, reason="shapes_cnn weights are not shipped yet")
+def test_cli_on_the_shapes_benchmark(tmp_path, capsys):
+  out = tmp_path / "report.json"
+  code, captured = _run_cli(
+      ["--model", "shapes_cnn", "--benchmark", "shapes", "--num-images", "3", "--methods",
+       "gradcam,rise", "--preset", "tiny", "--out", str(out)], capsys)
+  assert code == 0, captured.err
+  report = json.loads(out.read_text())
+  assert report["images"] == 3 and list(report["methods"]) == ["gradcam", "rise"]
+  assert 0.0 <= report["methods"]["gradcam"]["pointing_game"] <= 100.0
+  assert "| gradcam |" in captured.out and "top-1" in captured.out
+
+
+@pytest.mark.skipif(not HAS_SHAPES_WEIGHTS, reason="shapes_cnn weights are not shipped yet")
+def test_cli_on_a_labelled_folder(tmp_path, capsys):
+  data = shapes.generate(3, size=64, seed=1)
+  rows = ["file,wnid,class_index,class_name"]
+  for i, (image, label) in enumerate(zip(data.images, data.labels)):
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    rows.append(f"{i}.png,x,{label},shape")
+  (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+  out = tmp_path / "report.json"
+  code, captured = _run_cli(
+      ["--model", "shapes_cnn", "--images", str(tmp_path), "--labels", str(tmp_path / "labels.csv"),
+       "--offset", "1", "--methods", "gradcam", "--out", str(out)], capsys)
+  assert code == 0, captured.err
+  report = json.loads(out.read_text())
+  assert report["images"] == 2 and "pointing_game" not in report["methods"]["gradcam"]
+  assert 0.0 <= report["top1_accuracy"] <= 100.0
+
+
+def test_cli_reports_bad_arguments(tmp_path, capsys):
+  code, captured = _run_cli(
+      ["--model", "shapes_cnn", "--images", str(tmp_path), "--methods", "gradcam",
+       "--out", str(tmp_path / "r.json")], capsys)
+  assert code == 2 and "--labels" in captured.err
+  assert not (tmp_path / "r.json").exists()
