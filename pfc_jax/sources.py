@@ -1,0 +1,182 @@
+"""Indexed image sources for batch jobs: a folder or glob of image files, or a tfds split.
+
+A source has a fixed length and reads item `i` on demand: `read(i) -> (id, image01)`. The index
+is stable (sorted paths, the split's record order), so results keyed by index or id do not
+depend on how a job is split across chunks, devices or hosts; each host reads only its own
+indices. Images are resized and centre-cropped as `pfc_jax.data.load_image` does.
+
+tfds splits are read with `tfds.data_source` (ArrayRecord random access, no TensorFlow needed),
+or, for data prepared as TFRecord, with `tf.data` when TensorFlow is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pfc_jax import data
+
+
+class BadItemError(ValueError):
+  """An item that cannot be read or decoded; `item_id` names it, the message says why."""
+
+  def __init__(self, item_id: str, reason: str):
+    super().__init__(f"{item_id}: {reason}")
+    self.item_id = item_id
+    self.reason = reason
+
+
+def _unique_ids(paths: list[Path]) -> list[str]:
+  """File stems; stems that occur twice become paths relative to the common folder, sans suffix."""
+  stems = [p.stem for p in paths]
+  counts = {s: stems.count(s) for s in set(stems)}
+  if all(c == 1 for c in counts.values()):
+    return stems
+  root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+  return [s if counts[s] == 1 else p.relative_to(root).with_suffix("").as_posix() for s, p in zip(stems, paths)]
+
+
+class ImageFolderSource:
+  """Image files from a folder or a glob pattern, in sorted path order (`data.list_images`).
+
+  Args:
+    dir_or_glob: A folder (its image files, not recursive), or a glob such as `"photos/*/*.jpg"`.
+    size: Output side in pixels (resize the short side, centre crop, as `data.load_image`).
+
+  Ids are file stems; files whose stems collide are named by their path relative to the common
+  folder, without suffix.
+  """
+
+  def __init__(self, dir_or_glob: str | os.PathLike, size: int = 224):
+    self.spec = str(dir_or_glob)
+    self.size = int(size)
+    self.paths = sorted(Path(p) for p in data.list_images(dir_or_glob))
+    self.ids = _unique_ids(self.paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def describe(self) -> dict[str, Any]:
+    """The settings that determine which images this source yields, for a job manifest."""
+    return {"kind": "images", "images": self.spec, "count": len(self), "size": self.size}
+
+  def read(self, index: int) -> tuple[str, np.ndarray]:
+    """Returns `(id, image01)`, `image01` `[size, size, 3] float32` in [0, 1].
+
+    Raises:
+      BadItemError: the file cannot be opened or decoded.
+    """
+    try:
+      return self.ids[index], np.asarray(data.load_image(self.paths[index], self.size), np.float32)
+    except Exception as e:  # pylint: disable=broad-except  # any failure of one file is that item's
+      raise BadItemError(self.ids[index], f"{type(e).__name__}: {e}") from e
+
+
+class TfdsSource:
+  """One split of a tfds image-classification data set, read record by record.
+
+  Args:
+    name: tfds name, e.g. `"imagenet2012"` or `"imagenette/320px-v2"`.
+    split: Split with optional slicing, e.g. `"validation[:10%]"`.
+    data_dir: tfds data folder; default tfds's (`~/tensorflow_datasets` or `$TFDS_DATA_DIR`).
+    size: Output side in pixels, as `data.load_image`.
+    image_key: The image feature's name.
+    download: Let tfds download and prepare the data if it is missing.
+
+  Ids are the example's `file_name` stem when the data set has one (ImageNet does), otherwise
+  `"{split}:{index}"`.
+
+  Raises:
+    ValueError: the data set is unknown, not prepared, or has no `image_key` feature.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None, size: int = 224,
+               image_key: str = "image", download: bool = False):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # optional dependency
+    self.name, self.split, self.size, self.image_key = name, split, int(size), image_key
+    self.data_dir = None if data_dir is None else str(data_dir)
+    try:
+      self._records = tfds.data_source(name, split=split, data_dir=self.data_dir, download=download)
+    except NotImplementedError:  # prepared as TFRecord: no random access without TensorFlow
+      self._records = _TfDataRecords(name, split, self.data_dir)
+    except Exception as e:  # pylint: disable=broad-except  # tfds raises many types for missing data
+      raise ValueError(f"Cannot open tfds data set `{name}` split `{split}` "
+                       f"(data_dir={self.data_dir}): {type(e).__name__}: {e}") from e
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def describe(self) -> dict[str, Any]:
+    """The settings that determine which images this source yields, for a job manifest."""
+    return {"kind": "tfds", "tfds": self.name, "split": self.split, "data_dir": self.data_dir,
+            "count": len(self), "size": self.size}
+
+  def read(self, index: int) -> tuple[str, np.ndarray]:
+    """Returns `(id, image01)`, `image01` `[size, size, 3] float32` in [0, 1].
+
+    Raises:
+      BadItemError: the record cannot be read or decoded, or has no image.
+    """
+    item_id = f"{self.split}:{index}"
+    try:
+      record = self._records[index]
+      if "file_name" in record:
+        item_id = Path(_text(record["file_name"])).stem
+      pixels = np.asarray(record[self.image_key])
+      image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).convert("RGB")
+      return item_id, np.asarray(data.preprocess(image, self.size), np.float32)
+    except Exception as e:  # pylint: disable=broad-except  # any failure of one record is that item's
+      raise BadItemError(item_id, f"{type(e).__name__}: {e}") from e
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _TfDataRecords:
+  """Sequential `tf.data` reading of a TFRecord-prepared split behind an index interface.
+
+  Reading index `i` right after `i - 1` costs one record; any other index restarts the pipeline
+  with `skip(i)`. Batch jobs read in order, so this is linear overall.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # optional dependency
+    except ImportError as e:
+      raise ValueError(
+          f"tfds data set `{name}` is prepared as TFRecord, which needs TensorFlow to read; install "
+          "tensorflow or prepare it as ArrayRecord (`tfds build --file_format=array_record`).") from e
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self._builder = tfds.builder(name, data_dir=data_dir)
+    self._split = split
+    self._length = self._builder.info.splits[split].num_examples
+    self._iterator, self._next_index = None, None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if index != self._next_index:
+      dataset = self._builder.as_dataset(split=self._split, shuffle_files=False).skip(index)
+      self._iterator = iter(tfds.as_numpy(dataset))
+    record = next(self._iterator)
+    self._next_index = index + 1
+    return record
+
+
+def from_args(images: str | None, tfds_name: str | None, split: str | None, data_dir: str | None,
+              size: int):
+  """The source a command line names: `--images DIR|GLOB`, or `--tfds NAME --split S`."""
+  if (images is None) == (tfds_name is None):
+    raise ValueError("Give exactly one input: `--images DIR|GLOB` or `--tfds NAME --split SPLIT`.")
+  if images is not None:
+    return ImageFolderSource(images, size)
+  if not split:
+    raise ValueError("`--split` is required with `--tfds` (e.g. `validation[:10%]`).")
+  return TfdsSource(tfds_name, split, data_dir, size)
