@@ -1,6 +1,35 @@
-"""pfc-jax: Perturbation on Feature Coalition (arXiv 2408.13397) saliency maps in JAX/Flax."""
+"""pfc-jax: Perturbation on Feature Coalition (arXiv 2408.13397) saliency maps in JAX/Flax.
 
-from pfc_jax.classifier import Classifier, IMAGENET_MEAN, IMAGENET_STD
+The pipeline, one module per stage: `models` and `weights` (classifiers) -> `coalitions`
+(step 1) -> `perturbation` (step 2) -> `explain` (both) -> `parallel` / `batch` (devices, hosts,
+resumable jobs) -> `metrics` and `baselines` (faithfulness).
+"""
 
-__all__ = ["Classifier", "IMAGENET_MEAN", "IMAGENET_STD"]
+from pfc_jax import baselines, data, metrics, models, viz, weights
+from pfc_jax.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from pfc_jax.coalitions import CoalitionConfig, Coalitions, extract_coalitions
+from pfc_jax.explain import ExplainConfig, Explanation, explain
+from pfc_jax.perturbation import PerturbConfig, Perturbation, objective, perturb
+
+__all__ = [
+    "Classifier",
+    "CoalitionConfig",
+    "Coalitions",
+    "ExplainConfig",
+    "Explanation",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PerturbConfig",
+    "Perturbation",
+    "baselines",
+    "data",
+    "explain",
+    "extract_coalitions",
+    "metrics",
+    "models",
+    "objective",
+    "perturb",
+    "viz",
+    "weights",
+]
 __version__ = "0.1.0"

@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog="pfc-jax", description="Perturbation on Feature Coalition saliency maps in JAX.")
   subparsers = parser.add_subparsers(dest="command", required=True)
   for name in COMMANDS:
-    try:
-      module = importlib.import_module(f"pfc_jax.commands.{name}")
-    except ModuleNotFoundError as e:
-      if e.name != f"pfc_jax.commands.{name}":
-        raise
-      continue
-    module.add_parser(subparsers)
+    importlib.import_module(f"pfc_jax.commands.{name}").add_parser(subparsers)
   return parser
 
 
