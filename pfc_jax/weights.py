@@ -358,14 +358,15 @@ def _downloaded_file(name: str) -> Path:
 
   Raises:
     FileNotFoundError: offline, saying which file to fetch from where and where to put it.
-    ValueError: a file's checksum is wrong (a fresh download is then deleted).
+    ValueError: a cached file's checksum is wrong, or every download had a wrong one (each is
+      deleted and the next source tried first).
   """
   folder = cache_dir() / "downloads"
   for download in _downloads(name):
     if (folder / download.filename).is_file():
       _verify(folder / download.filename, download)
       return folder / download.filename
-  errors = []
+  errors, checksum_failed = [], False
   for download in _downloads(name):
     if download.needs_torch and not _has_torch():
       errors.append(f"{download.url}: skipped, reading it needs torch")
@@ -376,10 +377,11 @@ def _downloaded_file(name: str) -> Path:
         _fetch(download, tmp)
         _verify(tmp, download)
       return dest
-    except OSError as e:  # No network, HTTP errors (huggingface_hub's are OSErrors too).
-      errors.append(f"{download.url}: {e}")
+    except (OSError, ValueError) as e:  # No network, HTTP errors (huggingface_hub's are
+      errors.append(f"{download.url}: {e}")  # OSErrors too), a checksum mismatch: try the next.
+      checksum_failed |= isinstance(e, ValueError)
   options = " or ".join(f"{d.url} saved as {folder / d.filename}" for d in _downloads(name))
-  raise FileNotFoundError(
+  raise (ValueError if checksum_failed else FileNotFoundError)(
       f"No {name} weights in the cache and none could be downloaded ({'; '.join(errors)}). "
       f"Fetch {options} and load again, or pass the file as `source`.")
 
