@@ -17,8 +17,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pfc_jax import io, metrics, models, viz, weights
+from pfc_jax import io, metrics, models, weights
 from pfc_jax.benchmarks import shapes
+from pfc_jax.commands import explain as explain_command
 from pfc_jax.explain import PRESETS, ExplainConfig, explain
 
 MODEL = "shapes_cnn"
@@ -87,16 +88,12 @@ def run(args: argparse.Namespace) -> int:
   for i, image in enumerate(bench.images):
     stem = f"shape-{i:04d}"
     label = class_names[bench.labels[i]]
-    target, prob = int(result.target[i]), float(result.probs[i])
-    title = f"{label}: predicted {class_names[target]} {prob:.2f}"
-    viz.save_png(out / f"{stem}.png", viz.panel(image, result.labels[i], saliency[i], title))
-    io.write_npz(out / f"{stem}.npz", saliency=saliency[i], w=result.w[i], labels=result.labels[i],
-                 target=np.int32(target), probs=np.float32(prob), image=image, mask=bench.masks[i])
     records.append({
-        "png": f"{stem}.png", "npz": f"{stem}.npz", "label": label, "class_index": target,
-        "class_name": class_names[target], "probability": prob,
-        "num_coalitions": int(result.num_coalitions[i]), "pointing_hit": bool(hits[i]),
-        "relevance_mass": float(mass[i])})
+        "label": label,
+        **explain_command.write_explanation(out, stem, image, result, i, class_names,
+                                            f"{label}: predicted ", image=image,
+                                            mask=bench.masks[i]),
+        "pointing_hit": bool(hits[i]), "relevance_mass": float(mass[i])})
   io.write_json(out / "summary.json", {
       "settings": {"model": MODEL, "preset": args.preset, "seed": args.seed,
                    "image_size": int(bench.images.shape[1]), "config": dataclasses.asdict(config)},

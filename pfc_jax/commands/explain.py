@@ -70,6 +70,28 @@ def _output_stems(paths: list[str]) -> list[str]:
   return stems
 
 
+def write_explanation(out: Path, stem: str, image01: np.ndarray, result, index: int,
+                      class_names: list[str], title_prefix: str = "", **extra_arrays) -> dict:
+  """Writes image `index` of `result` (an `Explanation`) as `<stem>.png` and `<stem>.npz`.
+
+  `image01` `[H, W, 3]` in [0, 1] is the explained image; `extra_arrays` go into the `.npz` too.
+
+  Returns:
+    The image's `summary.json` record: files, class, probability, number of coalitions.
+  """
+  target, prob = int(result.target[index]), float(result.probs[index])
+  class_name = class_names[target] if target < len(class_names) else str(target)
+  viz.save_png(out / f"{stem}.png", viz.panel(
+      image01, result.labels[index], result.saliency[index],
+      f"{title_prefix}{class_name} {prob:.2f}"))
+  io.write_npz(out / f"{stem}.npz", saliency=result.saliency[index], w=result.w[index],
+               labels=result.labels[index], target=np.int32(target), probs=np.float32(prob),
+               **extra_arrays)
+  return {"png": f"{stem}.png", "npz": f"{stem}.npz", "class_index": target,
+          "class_name": class_name, "probability": prob,
+          "num_coalitions": int(result.num_coalitions[index])}
+
+
 def run(args: argparse.Namespace) -> int:
   try:
     config = ExplainConfig.preset(args.preset)
@@ -96,16 +118,9 @@ def run(args: argparse.Namespace) -> int:
     result = jax.device_get(explain(
         classifier, image[None], parallel.image_keys(args.seed, [index]), config, vgg_params))
     seconds = time.perf_counter() - start
-    target, prob = int(result.target[0]), float(result.probs[0])
-    class_name = class_names[target] if target < len(class_names) else str(target)
-    viz.save_png(out / f"{stem}.png", viz.panel(
-        image, result.labels[0], result.saliency[0], f"{class_name} {prob:.2f}"))
-    io.write_npz(out / f"{stem}.npz", saliency=result.saliency[0], w=result.w[0],
-                 labels=result.labels[0], target=np.int32(target), probs=np.float32(prob))
     summary["images"].append({
-        "image": path, "png": f"{stem}.png", "npz": f"{stem}.npz", "class_index": target,
-        "class_name": class_name, "probability": prob,
-        "num_coalitions": int(result.num_coalitions[0]), "seconds": round(seconds, 3)})
+        "image": path, **write_explanation(out, stem, image, result, 0, class_names),
+        "seconds": round(seconds, 3)})
     io.write_json(out / "summary.json", summary)
   io.write_json(out / "summary.json", summary)
   print(f"{out}: {len(summary['images'])} explained, {len(summary['failed'])} failed.")
