@@ -53,12 +53,11 @@ class ExplainConfig:
     - "paper": the authors' demo end to end: randomly initialised coalition network trained up
       to 500 steps, then 500 Adam steps with S = 16 noise samples and the published consistency
       loss (the authors report 90 s + 97 s per image on one GPU); for accelerators.
-    - "fast": CPU friendly. `CoalitionConfig.fast()` (frozen random backbone at 112 px), then
-      120 Adam steps with S = 8 and learning rate 2.5e-2 (so that w covers as much of
-      [0, max_w] as 500 steps at 1e-2 do). Cost, SqueezeNet 1.1, one 224 px photo, 2 shared CPU
-      cores: `pfc-jax explain PHOTO1 PHOTO2 --model squeezenet1_1 --weights W --preset fast
-      --out DIR`, seconds of the second image in summary.json (the first includes compilation);
-      see the README for the figure.
+    - "fast": CPU friendly. `CoalitionConfig.fast()` (frozen random backbone at short side 64,
+      at most 300 steps), then 80 Adam steps with S = 8 and learning rate 3e-2 (so that w can
+      still cover [0, max_w], as 500 steps at 1e-2 do). SqueezeNet 1.1, one 224 px photo, 2 CPU
+      cores: about 5 s coalitions + 0.49 s per perturbation step = about 45 s per image
+      (`python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast`).
     - "tiny": a few steps of a narrow network, for tests and smoke runs; no meaningful maps.
 
     Raises:
@@ -68,7 +67,7 @@ class ExplainConfig:
       return cls(CoalitionConfig(init="random"), PerturbConfig())
     if name == "fast":
       return cls(CoalitionConfig.fast(),
-                 PerturbConfig(steps=120, noise_samples=8, learning_rate=2.5e-2))
+                 PerturbConfig(steps=80, noise_samples=8, learning_rate=3e-2))
     if name == "tiny":
       coalitions = CoalitionConfig.tiny()
       return cls(coalitions, PerturbConfig(steps=3, noise_samples=2, learning_rate=0.1,
