@@ -90,7 +90,7 @@ def overlay(image01, saliency, alpha: float = 0.5, cmap: str = "jet") -> np.ndar
   return _to_uint8((1 - alpha) * image01 + alpha * colours)
 
 
-def panel(image01, labels, saliency, title: str = "") -> np.ndarray:
+def panel(image01, labels, saliency, title: str = "", min_side: int = 160) -> np.ndarray:
   """Image | coalitions | saliency heat map over the image, side by side under a title strip.
 
   Args:
@@ -98,16 +98,20 @@ def panel(image01, labels, saliency, title: str = "") -> np.ndarray:
     labels: `[H, W]` integer coalition labels.
     saliency: `[H, W]` saliency (min-max normalised for display).
     title: One line drawn above the pictures, e.g. the class name and probability.
+    min_side: Pictures whose short side is below this are enlarged by the smallest integer
+      factor f that reaches it (nearest neighbour, so pixels stay visible). 1 keeps the size.
 
   Returns:
-    `[16 + H, 3 W + 8, 3] uint8` RGB on a white background.
+    `[16 + f H, 3 f W + 8, 3] uint8` RGB on a white background.
   """
   image01 = _check_image(image01)
   labels = _check_map(labels, "labels", image01.shape[:2])
-  height, width = image01.shape[:2]
-  gap = np.full((height, _GAP, 3), 255, np.uint8)
-  pictures = np.concatenate(
-      [_to_uint8(image01), gap, coalition_map(labels), gap, overlay(image01, saliency)], axis=1)
+  factor = max(1, -(-min_side // min(image01.shape[:2])))
+  enlarge = lambda a: np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
+  tiles = [enlarge(t) for t in
+           (_to_uint8(image01), coalition_map(labels), overlay(image01, saliency))]
+  gap = np.full((tiles[0].shape[0], _GAP, 3), 255, np.uint8)
+  pictures = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
   strip = Image.new("RGB", (pictures.shape[1], _TITLE_HEIGHT), "white")
   ImageDraw.Draw(strip).text((2, 2), title, fill="black", font=ImageFont.load_default())
   return np.concatenate([np.asarray(strip), pictures], axis=0)

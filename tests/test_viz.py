@@ -45,8 +45,8 @@ def test_panel_layout():
   image, size = _image(), 20
   labels = np.repeat(np.arange(4), 100).reshape(20, 20)
   saliency = np.random.default_rng(2).normal(size=(20, 20))
-  titled = viz.panel(image, labels, saliency, "tench 0.95")
-  blank = viz.panel(image, labels, saliency, "")
+  titled = viz.panel(image, labels, saliency, "tench 0.95", min_side=1)
+  blank = viz.panel(image, labels, saliency, "", min_side=1)
   assert titled.dtype == np.uint8 and titled.shape[1] == 3 * size + 8
   strip = titled.shape[0] - size
   pictures = titled[strip:]
@@ -54,6 +54,18 @@ def test_panel_layout():
   np.testing.assert_array_equal(pictures[:, size + 4:2 * size + 4], viz.coalition_map(labels))
   np.testing.assert_array_equal(pictures[:, 2 * size + 8:], viz.overlay(image, saliency))
   assert (blank[:strip] == 255).all() and (titled[:strip] < 128).any()
+
+
+def test_panel_enlarges_small_images_by_an_integer_factor():
+  image = _image()
+  labels = np.repeat(np.arange(4), 100).reshape(20, 20)
+  saliency = np.random.default_rng(2).normal(size=(20, 20))
+  small = viz.panel(image, labels, saliency, min_side=1)
+  large = viz.panel(image, labels, saliency, min_side=50)  # factor 3: 60 px tiles
+  strip = small.shape[0] - 20
+  assert large.shape == (strip + 60, 3 * 60 + 8, 3)
+  np.testing.assert_array_equal(large[strip::3, :60:3], small[strip:, :20])
+  np.testing.assert_array_equal(large[strip + 2::3, 2:60:3], small[strip:, :20])
 
 
 def test_save_png_round_trips_and_leaves_no_temporary_files(tmp_path):
