@@ -112,9 +112,9 @@ class CoalitionConfig:
 
     Only the 1x1 conv and its norm are trained (learning rate 0.1: the head alone learns slowly
     at 1e-3), on features computed once at short side 64; labels are upsampled nearest-neighbour
-    to the input size; at most 300 steps. About 10 s per 224 px image on a 2-core CPU (0.03 s
-    per step, 0.18 GFLOP), against hours for the full variant (1.2 TFLOP per step). Cost and agreement (adjusted Rand index)
-    with the full variant: `python scripts/benchmark_coalitions.py --size 224 --variants fast`,
+    to the input size; at most 300 steps. 5.2 s per 224 px image on an idle 2-core CPU (0.18
+    GFLOP per step), against hours for the full variant (1.2 TFLOP per step). Cost and agreement
+    (adjusted Rand index) with the full variant: `python scripts/benchmark_coalitions.py --size 224 --variants fast`,
     `python scripts/coalition_agreement.py`.
     """
     return cls(**{"train_backbone": False, "resolution": 64, "learning_rate": 0.1,

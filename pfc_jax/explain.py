@@ -52,12 +52,15 @@ class ExplainConfig:
 
     - "paper": the authors' demo end to end: randomly initialised coalition network trained up
       to 500 steps, then 500 Adam steps with S = 16 noise samples and the published consistency
-      loss (the authors report 90 s + 97 s per image on one GPU); for accelerators.
+      loss. About 3 h per 224 px image on a 2-core CPU (SqueezeNet; `scripts/benchmark.py
+      --preset paper --max-steps 3`, scaled), so for accelerators (the authors report 90 s + 97 s
+      per image on one GPU).
     - "fast": CPU friendly. `CoalitionConfig.fast()` (frozen random backbone at short side 64,
       at most 300 steps), then 80 Adam steps with S = 8 and learning rate 3e-2 (so that w can
       still cover [0, max_w], as 500 steps at 1e-2 do). SqueezeNet 1.1, one 224 px photo, 2 CPU
-      cores: about 5 s coalitions + 0.49 s per perturbation step = about 45 s per image
-      (`python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast`).
+      cores, after compilation: 5.2 s coalitions + 31.4 s perturbation = 36.5 s per image
+      (`python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast
+      --images DIR`). Faithfulness against the baselines: see the README.
     - "tiny": a few steps of a narrow network, for tests and smoke runs; no meaningful maps.
 
     Raises:
