@@ -41,7 +41,8 @@ def test_explain_command_writes_panels_arrays_and_summary(tmp_path, capsys):
     np.testing.assert_allclose(float(arrays["probs"]), record["probability"], rtol=1e-6)
     assert 0 < record["probability"] <= 1 and record["seconds"] > 0
     panel = np.asarray(Image.open(out / record["png"]))
-    assert panel.shape[1] == 3 * 32 + 8 and panel.shape[2] == 3
+    # Three 32 px tiles enlarged 5x to reach the panel's 160 px minimum, two 4 px gaps.
+    assert panel.shape[1] == 3 * 160 + 8 and panel.shape[2] == 3
 
   # The same image alone, with its position's key, gives the same arrays; no failures: exit 0.
   again = tmp_path / "again"
