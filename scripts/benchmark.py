@@ -1,7 +1,7 @@
 """Throughput of the PFC pipeline: images/s, seconds per image by stage, FLOPs and FLOP/s.
 
   python scripts/benchmark.py --model squeezenet1_1 \
-      --weights /work/shared/evaldata/squeezenet1_1.safetensors --size 224 --preset fast --batch 2
+      --weights ../shared/evaldata/squeezenet1_1.safetensors --size 224 --preset fast --batch 2
 
 Each stage (coalitions, perturbation) is run once to compile, then timed over `--repeats` runs
 on the same batch. FLOPs come from XLA's cost analysis (`jit(...).lower(...).compile().cost_analysis()`):

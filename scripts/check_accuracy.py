@@ -3,9 +3,9 @@
 Checks that a weights port plus `pfc_jax.data.load_image` reproduce the reference accuracy:
 
   python scripts/check_accuracy.py --model squeezenet1_1 \
-    --weights /work/shared/evaldata/squeezenet1_1.safetensors \
-    --images /work/shared/evaldata/imagenet-sample \
-    --labels /work/shared/evaldata/imagenet-sample/labels.csv
+    --weights ../shared/evaldata/squeezenet1_1.safetensors \
+    --images ../shared/evaldata/imagenet-sample \
+    --labels ../shared/evaldata/imagenet-sample/labels.csv
 
 `--labels` is a CSV with columns `file` (relative to `--images`) and `class_index`.
 """

@@ -6,7 +6,7 @@ of each variant's labels with the full variant's, next to the ARI of the full va
 under another seed (the noise floor: the method is not deterministic across seeds).
 
 Example:
-  python scripts/coalition_agreement.py --photos /work/shared/evaldata/imagenet-sample \
+  python scripts/coalition_agreement.py --photos ../shared/evaldata/imagenet-sample \
       --size 64 --count 12 --max-steps 300
 """
 
@@ -79,7 +79,7 @@ def load_photos(folder: pathlib.Path, count: int, size: int) -> np.ndarray:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--photos", type=pathlib.Path,
-                      default=pathlib.Path("/work/shared/evaldata/imagenet-sample"))
+                      default=pathlib.Path("../shared/evaldata/imagenet-sample"))
   parser.add_argument("--size", type=int, default=64, help="photo side in pixels")
   parser.add_argument("--count", type=int, default=12, help="number of photos")
   parser.add_argument("--max-steps", type=int, default=300, help="max_steps of every variant")
