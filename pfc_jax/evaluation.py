@@ -1,8 +1,10 @@
 """Runs saliency methods on a set of images, scores them with every metric, and reports the means.
 
 Protocol (Grad-CAM++, RISE): each method explains the class the model predicts on the clean image.
-Images go through in batches; image `i` gets the PRNG key `fold_in(key(seed), first_index + i)`,
-so results do not depend on the batch size or on which slice of a data set is evaluated.
+Images go through in batches, each batch through every method; image `i` gets the PRNG key
+`fold_in(key(seed), first_index + i)`, so results do not depend on the batch size or on which
+slice of a data set is evaluated. With a records file (`RecordLog`), every batch's per-image
+scores are appended as soon as they exist, and a rerun skips what the file already holds.
 
 Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` followed by optional
 `-`-separated modifiers that edit the PFC preset's `ExplainConfig`:
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -145,6 +150,66 @@ def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, 
   return explain(classifier, images, key, config, vgg_params=vgg_params).saliency
 
 
+class RecordLog:
+  """Per-image scores in a JSON-lines file, appended as they are computed.
+
+  Line 1 is `{"settings": {...}}`; each further line is one record `{"method", "index",
+  <metric>: float, ..., "seconds"}`, `index` counting from the start of the data set. A truncated
+  last line (an interrupted write) is dropped.
+
+  Args:
+    path: The file; created with its folder when missing.
+    settings: JSON-ready values that determine the scores. An existing file must hold the same.
+
+  Raises:
+    ValueError: naming `path` and the differing settings when the file was written with others.
+  """
+
+  def __init__(self, path: str | os.PathLike, settings: dict[str, Any]):
+    self.path = Path(path)
+    settings = json.loads(json.dumps(settings))
+    self.records: dict[tuple[str, int], dict[str, Any]] = {}
+    if not self.path.exists() or self.path.stat().st_size == 0:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._write_lines([{"settings": settings}], mode="w")
+      return
+    lines = self.path.read_text().splitlines()
+    try:
+      found = json.loads(lines[0])["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+      raise ValueError(f"Records file {str(self.path)!r} does not start with a settings line.") from e
+    if found != settings:
+      differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+      raise ValueError(
+          f"Records file {str(self.path)!r} was written with other settings ({', '.join(differ)}); "
+          "delete it or choose another output.")
+    for number, line in enumerate(lines[1:], start=2):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        if number == len(lines):
+          self._rewrite()  # Drop the torn last line, so that appends start on a fresh line.
+          break
+        raise ValueError(f"Records file {str(self.path)!r}: line {number} is not JSON.") from None
+      self.records[(record["method"], record["index"])] = record
+
+  def append(self, records: list[dict[str, Any]]) -> None:
+    """Adds `records` to the file (flushed to disk) and to `self.records`."""
+    self._write_lines(records, mode="a")
+    self.records.update({(r["method"], r["index"]): r for r in records})
+
+  def _write_lines(self, objects: list[dict[str, Any]], mode: str) -> None:
+    with open(self.path, mode) as f:
+      f.writelines(json.dumps(obj) + "\n" for obj in objects)
+      f.flush()
+      os.fsync(f.fileno())
+
+  def _rewrite(self) -> None:
+    lines = self.path.read_text().splitlines()[:-1]
+    with open(self.path, "w") as f:
+      f.writelines(line + "\n" for line in lines)
+
+
 @jax.jit
 def _predictions(classifier: Classifier, images: jax.Array) -> jax.Array:
   return jnp.argmax(classifier.logits(images), axis=-1).astype(jnp.int32)
@@ -179,7 +244,8 @@ def _score_batch(classifier: Classifier, images: jax.Array, saliency: jax.Array,
 
 def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = None, *,
              labels=None, masks=None, model: str = "", vgg_params: Any = None,
-             first_index: int = 0, progress: bool = True) -> dict[str, Any]:
+             first_index: int = 0, records: str | os.PathLike | None = None,
+             settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
   """Runs every method of `config` on `images` and averages every metric.
 
   Args:
@@ -190,7 +256,11 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     masks: Optional `[N, H, W] bool` object masks; adds `pointing_game` (%) and `relevance_mass`.
     model: Model name recorded in the report.
     vgg_params: VGG16 variables for PFC's `vgg16init` variant.
-    first_index: Index of `images[0]` in its data set (for the per-image keys).
+    first_index: Index of `images[0]` in its data set (for the per-image keys and records).
+    records: Optional records file (`RecordLog`): per-image scores are appended after each batch,
+      and scores already there are reused instead of recomputed.
+    settings: What identifies the data (e.g. its path and the weights), stored in the records
+      file with `model` and the scoring settings of `config`.
     progress: Show a progress bar on stderr.
 
   Returns:
@@ -207,6 +277,12 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     if masks.shape != images.shape[:3] or masks.dtype != bool:
       raise ValueError(
           f"`masks` must be {tuple(images.shape[:3])} bool, got {masks.shape} {masks.dtype}.")
+  log = None
+  if records is not None:
+    log = RecordLog(records, {
+        "model": model, "preset": config.preset, "seed": config.seed,
+        "curve_steps": config.curve_steps, "pointing_tolerance": config.pointing_tolerance,
+        **(settings or {})})
   batches = _batches(count, config.batch_size)
   target = jnp.concatenate([_predictions(classifier, images[b])[:real] for b, real in batches])
   base_key = jax.random.key(config.seed)
@@ -219,26 +295,41 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     if labels.shape != (count,):
       raise ValueError(f"`labels` must have shape ({count},), got {labels.shape}.")
     report["top1_accuracy"] = float(100.0 * np.mean(np.asarray(target) == labels))
-  report["methods"] = {}
+  functions = {name: method_function(name, config.preset, vgg_params) for name in config.methods}
+  scores: dict[str, list[dict[str, Any]]] = {name: [] for name in config.methods}
   with tqdm.tqdm(total=count * len(config.methods), desc="evaluate", unit="image",
                  disable=not progress) as bar:
-    for name in config.methods:
-      method = method_function(name, config.preset, vgg_params)
-      seconds, scores = 0.0, []
-      for b, real in batches:
+    for b, real in batches:
+      indices = [first_index + int(i) for i in b[:real]]
+      for name, method in functions.items():
         bar.set_postfix_str(name)
+        found = [log.records.get((name, i)) for i in indices] if log else [None]
+        if all(found):
+          scores[name] += found
+          bar.update(real)
+          continue
         start = time.perf_counter()
         saliency = jax.block_until_ready(method(classifier, images[b], target[b], keys[b]))
-        seconds += (time.perf_counter() - start) * real / len(b)  # Padding excluded.
+        seconds = (time.perf_counter() - start) / len(b)  # Padding shares the time.
         batch_scores = _score_batch(classifier, images[b], saliency, target[b],
                                     None if masks is None else masks[b], config)
-        scores.append({key: value[:real] for key, value in batch_scores.items()})
+        new = [{"method": name, "index": index,
+                **{key: float(value[j]) for key, value in batch_scores.items()}, "seconds": seconds}
+               for j, index in enumerate(indices)]
+        if log:
+          log.append(new)
+        scores[name] += new
         bar.update(real)
-      means = {key: float(np.mean(np.concatenate([s[key] for s in scores]))) for key in scores[0]}
-      report["methods"][name] = {
-          key: means[key] * scale for key, _, scale, _ in COLUMNS if key in means}
-      report["methods"][name]["seconds_per_image"] = seconds / count
+  report["methods"] = {name: _means(method_scores) for name, method_scores in scores.items()}
   return report
+
+
+def _means(records: list[dict[str, Any]]) -> dict[str, float]:
+  """Report entry of one method: the scaled mean of each metric over its per-image records."""
+  means = {key: scale * float(np.mean([r[key] for r in records]))
+           for key, _, scale, _ in COLUMNS if key in records[0]}
+  means["seconds_per_image"] = float(np.mean([r["seconds"] for r in records]))
+  return means
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -145,3 +145,84 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
        "--out", str(tmp_path / "r.json")], capsys)
   assert code == 2 and "--labels" in captured.err
   assert not (tmp_path / "r.json").exists()
+
+
+def _counting(monkeypatch):
+  """Wraps `evaluation.method_function` so that each call of a method counts its images."""
+  calls = []
+  make = evaluation.method_function
+
+  def method_function(name, preset, vgg_params=None):
+    method = make(name, preset, vgg_params)
+
+    def counted(classifier, images, target, keys):
+      calls.append((name, images.shape[0]))
+      return method(classifier, images, target, keys)
+    return counted
+  monkeypatch.setattr(evaluation, "method_function", method_function)
+  return calls
+
+
+def test_records_resume_an_interrupted_evaluation(tmp_path, monkeypatch):
+  classifier = colour_classifier()
+  images, masks = colour_images(3)
+  config = evaluation.EvaluationConfig(methods=("gradcam", "rise"), preset="tiny", batch_size=2,
+                                       curve_steps=8)
+  path = tmp_path / "r.records.jsonl"
+  whole = evaluation.evaluate(classifier, images, config, masks=masks, records=path,
+                              first_index=5, progress=False)
+  lines = path.read_text().splitlines()
+  assert json.loads(lines[0])["settings"]["preset"] == "tiny"
+  records = [json.loads(line) for line in lines[1:]]
+  assert sorted((r["method"], r["index"]) for r in records) == sorted(
+      (m, i) for m in ("gradcam", "rise") for i in (5, 6, 7))
+
+  # Interrupted after the first batch's Grad-CAM, in the middle of writing RISE's records.
+  path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+  calls = _counting(monkeypatch)
+  resumed = evaluation.evaluate(classifier, images, config, masks=masks, records=path,
+                                first_index=5, progress=False)
+  assert calls == [("rise", 2), ("gradcam", 2), ("rise", 2)]
+  assert len(path.read_text().splitlines()) == len(lines)
+  for name in ("gradcam", "rise"):
+    for key in ("average_drop", "deletion_auc", "pointing_game", "relevance_mass"):
+      np.testing.assert_allclose(resumed["methods"][name][key], whole["methods"][name][key],
+                                 rtol=1e-5, err_msg=f"{name} {key}")
+
+  calls.clear()
+  again = evaluation.evaluate(classifier, images, config, masks=masks, records=path,
+                              first_index=5, progress=False)
+  assert calls == [] and again["methods"] == resumed["methods"]
+
+
+def test_records_written_with_other_settings_are_refused(tmp_path):
+  classifier = colour_classifier()
+  images, _ = colour_images(1)
+  config = evaluation.EvaluationConfig(methods=("gradcam",), preset="tiny", curve_steps=8)
+  path = tmp_path / "r.records.jsonl"
+  evaluation.evaluate(classifier, images, config, records=path, settings={"images": "a"},
+                      progress=False)
+  with pytest.raises(ValueError, match=r"r\.records\.jsonl.*images, seed"):
+    evaluation.evaluate(classifier, images, dataclasses.replace(config, seed=1), records=path,
+                        settings={"images": "b"}, progress=False)
+  path.write_text("not json\n")
+  with pytest.raises(ValueError, match="settings line"):
+    evaluation.evaluate(classifier, images, config, records=path, progress=False)
+
+
+@pytest.mark.skipif(not HAS_SHAPES_WEIGHTS, reason="shapes_cnn weights are not shipped yet")
+def test_cli_resumes_from_its_records(tmp_path, capsys, monkeypatch):
+  out = tmp_path / "report.json"
+  args = ["--model", "shapes_cnn", "--benchmark", "shapes", "--num-images", "2", "--methods",
+          "gradcam", "--preset", "tiny", "--out", str(out)]
+  assert _run_cli(args, capsys)[0] == 0
+  first = json.loads(out.read_text())
+  records = out.with_suffix(".records.jsonl")
+  assert len(records.read_text().splitlines()) == 3  # Settings and two images.
+
+  calls = _counting(monkeypatch)
+  assert _run_cli(args, capsys)[0] == 0
+  assert calls == [] and json.loads(out.read_text())["methods"] == first["methods"]
+
+  code, captured = _run_cli([*args, "--benchmark-seed", "2"], capsys)
+  assert code == 2 and "report.records.jsonl" in captured.err and "benchmark_seed" in captured.err

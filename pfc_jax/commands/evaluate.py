@@ -43,6 +43,10 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--batch-size", type=int, default=4, help="Images per method call.")
   parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(key(seed), i).")
   parser.add_argument("--out", required=True, help="Report JSON path.")
+  parser.add_argument(
+      "--records",
+      help="Per-image scores, appended as they are computed; rerunning the same command resumes "
+           "from them. Default: --out with the suffix .records.jsonl.")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   parser.set_defaults(func=run)
 
@@ -89,6 +93,17 @@ def _load(args: argparse.Namespace, size: int):
   return images, np.array([label for _, label in rows], np.int32), None
 
 
+def _data_settings(args: argparse.Namespace, size: int) -> dict[str, object]:
+  """What identifies the images and weights, for the records file."""
+  if args.benchmark:
+    data_source = {"benchmark": args.benchmark, "benchmark_seed": args.benchmark_seed}
+  else:
+    data_source = {"images": str(Path(args.images).resolve()),
+                   "labels": str(Path(args.labels).resolve())}
+  return {**data_source, "image_size": size, "weights": args.weights,
+          "vgg_weights": args.vgg_weights}
+
+
 def run(args: argparse.Namespace) -> int:
   try:
     config = evaluation.EvaluationConfig(
@@ -103,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluation.evaluate(
         models.classifier(args.model, variables), images, config, labels=labels, masks=masks,
         model=args.model, vgg_params=vgg_params, first_index=args.offset,
-        progress=not args.no_progress)
+        records=args.records or Path(args.out).with_suffix(".records.jsonl"),
+        settings=_data_settings(args, size), progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:
     print(f"pfc-jax evaluate: error: {e}", file=sys.stderr)
     return 2
