@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -265,6 +265,9 @@ def _prepare_one(config, image, key, vgg_convs):
   return _prepare(config, image, key, vgg_convs)
 
 
+_step_one = jax.jit(_image_step, static_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _prepare_batch(config, images, keys, vgg_convs):
   return jax.vmap(functools.partial(_prepare, config), in_axes=(0, 0, None))(
@@ -303,6 +306,58 @@ def _vgg_convs(vgg_params: Any) -> dict:
   return convs
 
 
+class ImageTraining(NamedTuple):
+  """One image's coalition training as jitted pure functions, for research code and cost models.
+
+  Attributes:
+    init: `(image [H, W, 3] float32, key) -> state`, the FEN's fresh parameters and SGD state.
+    step: `state -> state`, one SGD step; a no-op once the image has stopped.
+    done: `state -> [] bool`, whether at most `min_coalitions` labels remain.
+    finish: `(state, (H, W)) -> (labels [H, W] int32, num [] int32)`, the relabelled coalitions.
+
+  The state is a pytree whose `steps` field counts the steps taken. `extract_coalitions` runs
+  exactly these functions (on CPU) or their vmapped form.
+  """
+
+  init: Callable[[jax.Array, jax.Array], Any]
+  step: Callable[[Any], Any]
+  done: Callable[[Any], jax.Array]
+  finish: Callable[[Any, tuple[int, int]], tuple[jax.Array, jax.Array]]
+
+
+def image_training(config: CoalitionConfig = CoalitionConfig(),
+                   vgg_params: Any = None) -> ImageTraining:
+  """The per-image training functions of `config` (see `ImageTraining`).
+
+  Args:
+    config: Network and training settings (batching and driver are ignored).
+    vgg_params: VGG16 variables, required with `config.init == "vgg16"`.
+
+  Raises:
+    ValueError: for missing or malformed `vgg_params`.
+  """
+  static, vgg_convs = _static_config(config), _checked_vgg_convs(config, vgg_params)
+  return ImageTraining(
+      init=lambda image, key: _prepare_one(static, image, key, vgg_convs),
+      step=lambda state: _step_one(static, state)[0],
+      done=lambda state: state.done,
+      finish=lambda state, size: _finish_one(static, state, tuple(size)))
+
+
+def _static_config(config: CoalitionConfig) -> CoalitionConfig:
+  """`config` with batching and driver neutralised: they do not change the step, so one
+  compilation serves every choice of them."""
+  return dataclasses.replace(config, batching="auto", driver="auto")
+
+
+def _checked_vgg_convs(config: CoalitionConfig, vgg_params: Any) -> dict | None:
+  if config.init != "vgg16":
+    return None
+  if vgg_params is None:
+    raise ValueError("`vgg_params` is required with init='vgg16'.")
+  return _vgg_convs(vgg_params)
+
+
 def _resolve_batching(batching: str) -> str:
   if batching == "auto":
     return "sequential" if jax.default_backend() == "cpu" else "vmap"
@@ -331,15 +386,9 @@ def extract_coalitions(images, key, config: CoalitionConfig = CoalitionConfig(),
   """
   images = _inputs.check_images(images, "images", min_size=_MIN_SIZE)
   keys = _inputs.per_image_keys(key, images.shape[0])
-  if config.init == "vgg16":
-    if vgg_params is None:
-      raise ValueError("`vgg_params` is required with init='vgg16'.")
-    vgg_convs = _vgg_convs(vgg_params)
-  else:
-    vgg_convs = None
+  vgg_convs = _checked_vgg_convs(config, vgg_params)
   size = images.shape[1:3]
-  # Batching and driver do not change the step: one compilation serves every choice of them.
-  static = dataclasses.replace(config, batching="auto", driver="auto")
+  static = _static_config(config)
   if _resolve_batching(config.batching) == "vmap":
     states = _prepare_batch(static, images, keys, vgg_convs)
     states, _ = _loop.run_loop(_batch_step, static, states, config.max_steps,

@@ -5,8 +5,8 @@
 
 Each stage (coalitions, perturbation) is run once to compile, then timed over `--repeats` runs
 on the same batch. FLOPs come from XLA's cost analysis (`jit(...).lower(...).compile().cost_analysis()`):
-for the coalitions, the per-image set-up plus one step (the stages' own per-image step
-functions) times the steps each image took; for the perturbation, the stage compiled with one
+for the coalitions, the per-image set-up plus one step (`coalitions.image_training`) times the
+steps each image took; for the perturbation, the stage compiled with one
 step (its set-up is one clean forward pass) times its steps. Achieved FLOP/s is that over the
 measured time. Images are random unless `--images` names a folder or glob.
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from pfc_jax import coalitions, models, perturbation, sources, weights
 from pfc_jax.explain import ExplainConfig
+from _xla_cost import flops
 
 
 def _timed(fn, repeats: int):
@@ -36,13 +37,6 @@ def _timed(fn, repeats: int):
   for _ in range(repeats):
     result = jax.block_until_ready(fn())
   return result, (time.perf_counter() - start) / repeats
-
-
-def _flops(fn, *args) -> float:
-  """XLA's FLOP count of `jit(fn)(*args)`."""
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get("flops", float("nan")))
 
 
 def main() -> None:
@@ -85,12 +79,13 @@ def main() -> None:
   _, perturb_s = _timed(
       lambda: perturbation.perturb(classifier, images, found.labels, keys, config.perturb), args.repeats)
 
-  state = coalitions._prepare_one(config.coalitions, images[0], keys[0], None)  # pylint: disable=protected-access
+  training = coalitions.image_training(config.coalitions)
+  state = training.init(images[0], keys[0])
   coalition_flops = args.batch * (
-      _flops(lambda x, k: coalitions._prepare_one(config.coalitions, x, k, None), images[0], keys[0])  # pylint: disable=protected-access
-      + coalition_scale * float(np.mean(found.steps)) * _flops(lambda s: coalitions._image_step(config.coalitions, s), state))  # pylint: disable=protected-access
+      flops(training.init, images[0], keys[0])
+      + coalition_scale * float(np.mean(found.steps)) * flops(training.step, state))
   perturb_one = dataclasses.replace(config.perturb, steps=1, driver="compiled")
-  perturb_flops = preset.perturb.steps * _flops(
+  perturb_flops = preset.perturb.steps * flops(
       lambda c, x, l, k: perturbation.perturb(c, x, l, k, perturb_one), classifier, images, found.labels, keys)
 
   coalition_s *= coalition_scale

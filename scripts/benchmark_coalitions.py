@@ -19,6 +19,7 @@ import time
 import jax
 
 import pfc_jax.coalitions as coalitions
+from _xla_cost import flops
 
 Config = coalitions.CoalitionConfig
 VARIANTS = {
@@ -32,12 +33,6 @@ VARIANTS = {
 }
 
 
-def _flops(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
-
-
 def _seconds(fn, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -48,16 +43,15 @@ def benchmark(name: str, config: Config, size: int, steps: int) -> dict:
   """Cost of variant `config` on one random `size` x `size` image with `steps` steps."""
   image = jax.random.uniform(jax.random.key(0), (size, size, 3))
   key = jax.random.key(1)
-  prepare = coalitions._prepare_one
-  step = jax.jit(coalitions._image_step, static_argnums=0)
-  state = prepare(config, image, key, None)
-  prepare_flops = _flops(prepare, config, image, key, None)
-  step_flops = _flops(step, config, state)
-  prepare_seconds = _seconds(prepare, config, image, key, None)
-  state = jax.block_until_ready(step(config, state))[0]  # Warm-up.
+  training = coalitions.image_training(config)
+  state = training.init(image, key)
+  prepare_flops = flops(training.init, image, key)
+  step_flops = flops(training.step, state)
+  prepare_seconds = _seconds(training.init, image, key)
+  state = jax.block_until_ready(training.step(state))  # Warm-up.
   start = time.perf_counter()
   for _ in range(steps):
-    state = step(config, state)[0]
+    state = training.step(state)
   jax.block_until_ready(state)
   step_seconds = (time.perf_counter() - start) / steps
   return {

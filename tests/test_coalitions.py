@@ -131,6 +131,21 @@ def test_batching_and_driver_give_the_same_labels(batching, driver):
   np.testing.assert_array_equal(result.steps, reference.steps)
 
 
+def test_image_training_functions_reproduce_extract_coalitions():
+  images = _batch()
+  keys = jax.random.split(jax.random.key(3), 2)
+  expected = extract_coalitions(images, keys, FROZEN)
+  training = coalitions.image_training(FROZEN)
+  state = training.init(images[1], keys[1])
+  while not training.done(state) and int(state.steps) < FROZEN.max_steps:
+    state = training.step(state)
+  labels, num = training.finish(state, images.shape[1:3])
+  np.testing.assert_array_equal(labels, expected.labels[1])
+  assert int(num) == int(expected.num[1]) and int(state.steps) == int(expected.steps[1])
+  with pytest.raises(ValueError, match="vgg_params"):
+    coalitions.image_training(dataclasses.replace(FROZEN, init="vgg16", width=1.0))
+
+
 def test_reduced_resolution_upsamples_labels_to_input_size():
   labels = np.asarray(extract_coalitions(_batch(16), jax.random.key(0), FROZEN).labels)
   assert labels.shape == (2, 16, 16)
