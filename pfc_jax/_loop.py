@@ -24,12 +24,18 @@ Driver = Literal["auto", "compiled", "python"]
 _CHECK_EVERY = 10
 
 
+def check_driver(driver: str) -> None:
+  """Raises ValueError unless `driver` is a `Driver`. Does not start a JAX backend, so configs
+  can be built before `jax.distributed.initialize`."""
+  if driver not in ("auto", "compiled", "python"):
+    raise ValueError(f"`driver` must be 'auto', 'compiled' or 'python', got {driver!r}.")
+
+
 def resolve_driver(driver: Driver) -> Literal["compiled", "python"]:
   """`"auto"` -> `"python"` on XLA:CPU, `"compiled"` elsewhere."""
+  check_driver(driver)
   if driver == "auto":
     return "python" if jax.default_backend() == "cpu" else "compiled"
-  if driver not in ("compiled", "python"):
-    raise ValueError(f"`driver` must be 'auto', 'compiled' or 'python', got {driver!r}.")
   return driver
 
 

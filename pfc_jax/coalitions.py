@@ -104,7 +104,7 @@ class CoalitionConfig:
     if self.batching not in ("auto", "vmap", "sequential"):
       raise ValueError(
           f"`batching` must be 'auto', 'vmap' or 'sequential', got {self.batching!r}.")
-    _loop.resolve_driver(self.driver)
+    _loop.check_driver(self.driver)
 
   @classmethod
   def fast(cls, **overrides) -> CoalitionConfig:

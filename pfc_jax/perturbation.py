@@ -96,7 +96,7 @@ class PerturbConfig:
       raise ValueError(
           f"`noise_chunk` must be None or a positive divisor of noise_samples="
           f"{self.noise_samples}, got {self.noise_chunk!r}.")
-    _loop.resolve_driver(self.driver)
+    _loop.check_driver(self.driver)
 
 
 class Perturbation(NamedTuple):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,3 +96,40 @@ def test_killed_job_resumes_with_every_id_once(tmp_path):
   assert sorted(results) == ids
   assert sum(np.load(path)["ids"].size for path in out.glob("chunk-*.npz")) == len(ids)
   assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  """A real multi-process job: two JAX processes with two CPU devices each, joined over gloo."""
+  ids = _write_images(tmp_path / "in", 7)
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "one"),
+                            *_ARGS]) == 0
+  address = f"localhost:{_free_port()}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  jobs = [subprocess.Popen(
+      [sys.executable, str(Path(__file__).parent / "batch_job_main.py"), "0",
+       "--images", str(tmp_path / "in"), "--out", str(tmp_path / "two"), *_ARGS, "--distributed",
+       "--coordinator-address", address, "--num-processes", "2", "--process-id", str(process)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for process in (0, 1)]
+  try:
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+  finally:
+    for job in jobs:
+      job.kill()
+  assert [job.returncode for job in jobs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+  one, two = io.read_results(tmp_path / "one"), io.read_results(tmp_path / "two")
+  assert sorted(two) == ids
+  assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+      p.name for p in (tmp_path / "one").iterdir())
+  for name in ids:
+    assert two[name]["target"] == one[name]["target"]
+    np.testing.assert_allclose(two[name]["saliency"].astype(np.float32),
+                               one[name]["saliency"].astype(np.float32), atol=2e-3, err_msg=name)
+    assert np.mean(two[name]["labels"] == one[name]["labels"]) > 0.98, name

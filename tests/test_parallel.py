@@ -71,3 +71,12 @@ def test_eight_device_results_equal_single_device(tmp_path):
   assert int(sharded["device_count"]) == _FAKE_DEVICES
   for name, value in single._asdict().items():
     np.testing.assert_allclose(sharded[name], np.asarray(value), atol=1e-5, err_msg=name)
+
+
+def test_importing_and_configuring_leaves_jax_uninitialised():
+  """`jax.distributed.initialize` must come first, so nothing before it may start a backend."""
+  code = ("import pfc_jax, pfc_jax.cli; from jax._src import xla_bridge; "
+          "[pfc_jax.ExplainConfig.preset(p) for p in ('paper', 'fast', 'tiny')]; "
+          "assert not xla_bridge.backends_are_initialized(), 'a JAX backend was started'")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(PRNGKey(seed), i).")
   parser.add_argument("--distributed", action="store_true",
                       help="Multi-host: call jax.distributed.initialize() first (run on every host).")
+  parser.add_argument("--coordinator-address",
+                      help="host:port of process 0 (with --distributed, where JAX cannot detect it).")
+  parser.add_argument("--num-processes", type=int, help="Total processes (with --distributed).")
+  parser.add_argument("--process-id", type=int, help="This process's index (with --distributed).")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   parser.set_defaults(func=run)
 
@@ -50,8 +54,13 @@ def _fingerprint(weights_source: str | None) -> dict | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+  cluster = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(value is not None for value in cluster) and not args.distributed:
+    print("pfc-jax batch: error: --coordinator-address, --num-processes and --process-id need "
+          "--distributed.", file=sys.stderr)
+    return 2
   if args.distributed:
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(*cluster)
   try:
     config = ExplainConfig.preset(args.preset)
     source = sources.from_args(args.images, args.tfds, args.split, args.data_dir, args.image_size)
