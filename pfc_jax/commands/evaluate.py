@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), preset=args.preset,
         batch_size=args.batch_size, seed=args.seed)
     size = args.image_size or models.input_size(args.model)
+    records = args.records or Path(args.out).with_suffix(".records.jsonl")
     images, labels, masks = _load(args, size)
     variables = weights.load(args.model, source=args.weights)
     vgg_params = None
@@ -118,13 +119,13 @@ def run(args: argparse.Namespace) -> int:
     report = evaluation.evaluate(
         models.classifier(args.model, variables), images, config, labels=labels, masks=masks,
         model=args.model, vgg_params=vgg_params, first_index=args.offset,
-        records=args.records or Path(args.out).with_suffix(".records.jsonl"),
-        settings=_data_settings(args, size), progress=not args.no_progress)
+        records=records, settings=_data_settings(args, size), progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:
     print(f"pfc-jax evaluate: error: {e}", file=sys.stderr)
     return 2
   io.write_json(args.out, report)
   accuracy = f", top-1 {report['top1_accuracy']:.1f}%" if "top1_accuracy" in report else ""
-  print(f"{args.model} on {report['images']} images{accuracy}, preset {args.preset}:\n")
+  print(f"{args.model} on {report['images']} images{accuracy}, preset {args.preset} "
+        f"(per-image scores in {records}):\n")
   print(evaluation.markdown_table(report))
   return 0
