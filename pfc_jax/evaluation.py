@@ -150,6 +150,33 @@ def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, 
   return explain(classifier, images, key, config, vgg_params=vgg_params).saliency
 
 
+def read_records(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]], bool]:
+  """Reads a records file (see `RecordLog`).
+
+  Returns:
+    `(settings, {(method, index): record}, torn)`, `torn` when the last line was cut off by an
+    interrupted write (that line is dropped).
+
+  Raises:
+    ValueError: naming `path` when it lacks the settings line or a line before the last is not JSON.
+  """
+  lines = Path(path).read_text().splitlines()
+  try:
+    settings = json.loads(lines[0])["settings"]
+  except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+    raise ValueError(f"Records file {str(path)!r} does not start with a settings line.") from e
+  records = {}
+  for number, line in enumerate(lines[1:], start=2):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines):
+        return settings, records, True
+      raise ValueError(f"Records file {str(path)!r}: line {number} is not JSON.") from None
+    records[(record["method"], record["index"])] = record
+  return settings, records, False
+
+
 class RecordLog:
   """Per-image scores in a JSON-lines file, appended as they are computed.
 
@@ -173,41 +200,26 @@ class RecordLog:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._write_lines([{"settings": settings}], mode="w")
       return
-    lines = self.path.read_text().splitlines()
-    try:
-      found = json.loads(lines[0])["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
-      raise ValueError(f"Records file {str(self.path)!r} does not start with a settings line.") from e
+    found, self.records, torn = read_records(self.path)
     if found != settings:
       differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
       raise ValueError(
           f"Records file {str(self.path)!r} was written with other settings ({', '.join(differ)}); "
           "delete it or choose another output.")
-    for number, line in enumerate(lines[1:], start=2):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        if number == len(lines):
-          self._rewrite()  # Drop the torn last line, so that appends start on a fresh line.
-          break
-        raise ValueError(f"Records file {str(self.path)!r}: line {number} is not JSON.") from None
-      self.records[(record["method"], record["index"])] = record
+    if torn:  # Drop the torn last line, so that appends start on a fresh line.
+      lines = self.path.read_text().splitlines()[:-1]
+      self._write_lines(lines, mode="w", encode=False)
 
   def append(self, records: list[dict[str, Any]]) -> None:
     """Adds `records` to the file (flushed to disk) and to `self.records`."""
     self._write_lines(records, mode="a")
     self.records.update({(r["method"], r["index"]): r for r in records})
 
-  def _write_lines(self, objects: list[dict[str, Any]], mode: str) -> None:
+  def _write_lines(self, objects: list[Any], mode: str, encode: bool = True) -> None:
     with open(self.path, mode) as f:
-      f.writelines(json.dumps(obj) + "\n" for obj in objects)
+      f.writelines((json.dumps(obj) if encode else obj) + "\n" for obj in objects)
       f.flush()
       os.fsync(f.fileno())
-
-  def _rewrite(self) -> None:
-    lines = self.path.read_text().splitlines()[:-1]
-    with open(self.path, "w") as f:
-      f.writelines(line + "\n" for line in lines)
 
 
 @jax.jit

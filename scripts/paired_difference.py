@@ -1,0 +1,51 @@
+"""Paired difference of two methods' per-image scores in an evaluation records file.
+
+  python scripts/paired_difference.py docs/results/photos_fast_heldout.records.jsonl pfc pfc-coalition
+
+For each metric, over the images both methods scored: the mean of A - B and its 95% percentile
+bootstrap interval (images resampled with replacement, fixed seed). An interval that excludes 0
+is a difference the images support; one that straddles 0 is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from pfc_jax import evaluation
+
+METRICS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+           "pointing_game", "relevance_mass")
+
+
+def paired_scores(path: str, first: str, second: str) -> tuple[list[int], dict[str, np.ndarray]]:
+  """Indices both methods scored, and `{metric: [n, 2]}` of their scores on them."""
+  _, records, _ = evaluation.read_records(path)
+  indices = sorted({i for m, i in records if m == first} & {i for m, i in records if m == second})
+  if not indices:
+    raise SystemExit(f"{path}: no image has scores of both {first!r} and {second!r}.")
+  metrics = [k for k in METRICS if k in records[(first, indices[0])]]
+  return indices, {k: np.array([[records[(first, i)][k], records[(second, i)][k]] for i in indices])
+                   for k in metrics}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("records", help="A `pfc-jax evaluate` records file (.records.jsonl).")
+  parser.add_argument("first", help="Method A.")
+  parser.add_argument("second", help="Method B.")
+  parser.add_argument("--resamples", type=int, default=10000, help="Bootstrap resamples.")
+  args = parser.parse_args()
+  indices, scores = paired_scores(args.records, args.first, args.second)
+  rng = np.random.default_rng(0)
+  draws = rng.integers(0, len(indices), (args.resamples, len(indices)))
+  print(f"{len(indices)} images, {args.first} - {args.second} (95% bootstrap interval)")
+  for metric, pair in scores.items():
+    difference = pair[:, 0] - pair[:, 1]
+    low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
+    print(f"  {metric:24s} {difference.mean():+.4f}  [{low:+.4f}, {high:+.4f}]")
+
+
+if __name__ == "__main__":
+  main()
