@@ -98,8 +98,7 @@ def _data_settings(args: argparse.Namespace, size: int) -> dict[str, object]:
   if args.benchmark:
     data_source = {"benchmark": args.benchmark, "benchmark_seed": args.benchmark_seed}
   else:
-    data_source = {"images": str(Path(args.images).resolve()),
-                   "labels": str(Path(args.labels).resolve())}
+    data_source = {"images": args.images, "labels": args.labels}  # As given, like --weights.
   return {**data_source, "image_size": size, "weights": args.weights,
           "vgg_weights": args.vgg_weights}
 
