@@ -40,7 +40,8 @@ def resolve_driver(driver: Driver) -> Literal["compiled", "python"]:
 
 
 @functools.cache
-def _jit_step(step: Callable) -> Callable:
+def jit_step(step: Callable) -> Callable:
+  """`jax.jit(step, static_argnums=0)`, one per step function, shared by every caller."""
   return jax.jit(step, static_argnums=0)
 
 
@@ -83,7 +84,7 @@ def run_loop(step: Callable, static: Any, carry: Any, num_steps: int, *, driver:
   """
   if resolve_driver(driver) == "compiled":
     return _jit_loop(step, stop, num_steps)(static, carry)
-  jstep = _jit_step(step)
+  jstep = jit_step(step)
   outs = []
   for i in range(num_steps):
     carry, out = jstep(static, carry)

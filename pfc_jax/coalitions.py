@@ -265,9 +265,6 @@ def _prepare_one(config, image, key, vgg_convs):
   return _prepare(config, image, key, vgg_convs)
 
 
-_step_one = jax.jit(_image_step, static_argnums=0)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _prepare_batch(config, images, keys, vgg_convs):
   return jax.vmap(functools.partial(_prepare, config), in_axes=(0, 0, None))(
@@ -339,7 +336,7 @@ def image_training(config: CoalitionConfig = CoalitionConfig(),
   static, vgg_convs = _static_config(config), _checked_vgg_convs(config, vgg_params)
   return ImageTraining(
       init=lambda image, key: _prepare_one(static, image, key, vgg_convs),
-      step=lambda state: _step_one(static, state)[0],
+      step=lambda state: _loop.jit_step(_image_step)(static, state)[0],  # The CPU loop's own.
       done=lambda state: state.done,
       finish=lambda state, size: _finish_one(static, state, tuple(size)))
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from pfc_jax import baselines, metrics
+from pfc_jax import baselines, io, metrics
 from pfc_jax._inputs import check_images
 from pfc_jax.classifier import Classifier
 from pfc_jax.explain import ExplainConfig, explain
@@ -206,18 +206,18 @@ class RecordLog:
       raise ValueError(
           f"Records file {str(self.path)!r} was written with other settings ({', '.join(differ)}); "
           "delete it or choose another output.")
-    if torn:  # Drop the torn last line, so that appends start on a fresh line.
-      lines = self.path.read_text().splitlines()[:-1]
-      self._write_lines(lines, mode="w", encode=False)
+    if torn:  # Drop the torn last line (atomically), so that appends start on a fresh line.
+      kept = self.path.read_text().splitlines()[:-1]
+      io.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
   def append(self, records: list[dict[str, Any]]) -> None:
     """Adds `records` to the file (flushed to disk) and to `self.records`."""
     self._write_lines(records, mode="a")
     self.records.update({(r["method"], r["index"]): r for r in records})
 
-  def _write_lines(self, objects: list[Any], mode: str, encode: bool = True) -> None:
+  def _write_lines(self, objects: list[dict[str, Any]], mode: str) -> None:
     with open(self.path, mode) as f:
-      f.writelines((json.dumps(obj) if encode else obj) + "\n" for obj in objects)
+      f.writelines(json.dumps(obj) + "\n" for obj in objects)
       f.flush()
       os.fsync(f.fileno())
 

@@ -35,7 +35,7 @@ def step_memory(config: perturbation.PerturbConfig, batch: int, size: int = 224)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
   state, _ = jax.eval_shape(functools.partial(perturbation._initial_state, config),
                             classifier, images, labels, keys)
-  return _loop._jit_step(perturbation._step).lower(config, state).compile().memory_analysis()
+  return _loop.jit_step(perturbation._step).lower(config, state).compile().memory_analysis()
 
 
 def main() -> None:

@@ -15,8 +15,7 @@ import numpy as np
 
 from pfc_jax import evaluation
 
-METRICS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
-           "pointing_game", "relevance_mass")
+METRICS = tuple(key for key, *_ in evaluation.COLUMNS if key != "seconds_per_image")
 
 
 def paired_scores(path: str, first: str, second: str) -> tuple[list[int], dict[str, np.ndarray]]:
