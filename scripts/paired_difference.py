@@ -5,6 +5,12 @@
 For each metric, over the images both methods scored: the mean of A - B and its 95% percentile
 bootstrap interval (images resampled with replacement, fixed seed). An interval that excludes 0
 is a difference the images support; one that straddles 0 is not.
+
+`--second-records` takes B from another records file of the same model, weights and images, e.g.
+the "paper" preset against the "fast" one:
+
+  python scripts/paired_difference.py docs/results/photos_paper_heldout.records.jsonl pfc pfc \
+      --second-records docs/results/photos_fast_heldout.records.jsonl
 """
 
 from __future__ import annotations
@@ -18,15 +24,30 @@ from pfc_jax import evaluation
 METRICS = tuple(key for key, *_ in evaluation.COLUMNS if key != "seconds_per_image")
 
 
-def paired_scores(path: str, first: str, second: str) -> tuple[list[int], dict[str, np.ndarray]]:
-  """Indices both methods scored, and `{metric: [n, 2]}` of their scores on them."""
-  _, records, _ = evaluation.read_records(path)
-  indices = sorted({i for m, i in records if m == first} & {i for m, i in records if m == second})
+# Settings that must agree for two records files to score the same images.
+SAME_DATA = ("model", "images", "labels", "image_size", "weights", "seed")
+
+
+def paired_scores(path: str, first: str, second: str, second_path: str | None = None
+                  ) -> tuple[list[int], dict[str, np.ndarray]]:
+  """Indices both methods scored, and `{metric: [n, 2]}` of their scores on them.
+
+  `first` comes from `path`, `second` from `second_path` (default `path`).
+  """
+  settings, records, _ = evaluation.read_records(path)
+  second_records = records
+  if second_path is not None:
+    second_settings, second_records, _ = evaluation.read_records(second_path)
+    differing = [k for k in SAME_DATA if settings.get(k) != second_settings.get(k)]
+    if differing:
+      raise SystemExit(f"{path} and {second_path} score different data: {differing} differ.")
+  indices = sorted({i for m, i in records if m == first}
+                   & {i for m, i in second_records if m == second})
   if not indices:
     raise SystemExit(f"{path}: no image has scores of both {first!r} and {second!r}.")
   metrics = [k for k in METRICS if k in records[(first, indices[0])]]
-  return indices, {k: np.array([[records[(first, i)][k], records[(second, i)][k]] for i in indices])
-                   for k in metrics}
+  return indices, {k: np.array([[records[(first, i)][k], second_records[(second, i)][k]]
+                                for i in indices]) for k in metrics}
 
 
 def main() -> None:
@@ -34,9 +55,10 @@ def main() -> None:
   parser.add_argument("records", help="A `pfc-jax evaluate` records file (.records.jsonl).")
   parser.add_argument("first", help="Method A.")
   parser.add_argument("second", help="Method B.")
+  parser.add_argument("--second-records", help="Take method B from this records file instead.")
   parser.add_argument("--resamples", type=int, default=10000, help="Bootstrap resamples.")
   args = parser.parse_args()
-  indices, scores = paired_scores(args.records, args.first, args.second)
+  indices, scores = paired_scores(args.records, args.first, args.second, args.second_records)
   rng = np.random.default_rng(0)
   draws = rng.integers(0, len(indices), (args.resamples, len(indices)))
   print(f"{len(indices)} images, {args.first} - {args.second} (95% bootstrap interval)")

@@ -3,6 +3,9 @@
 import dataclasses
 import importlib.resources
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -226,3 +229,29 @@ def test_cli_resumes_from_its_records(tmp_path, capsys, monkeypatch):
 
   code, captured = _run_cli([*args, "--benchmark-seed", "2"], capsys)
   assert code == 2 and "report.records.jsonl" in captured.err and "benchmark_seed" in captured.err
+
+
+def test_paired_difference_across_records_files(tmp_path):
+  script = pathlib.Path(__file__).parents[1] / "scripts" / "paired_difference.py"
+  data = {"model": "m", "images": "photos", "labels": "labels.csv", "image_size": 8,
+          "weights": "w", "seed": 0}
+  rng = np.random.default_rng(0)
+  scores = {preset: rng.random((5, 4)) for preset in ("paper", "fast")}
+  for preset, values in scores.items():
+    log = evaluation.RecordLog(tmp_path / f"{preset}.jsonl", {**data, "preset": preset})
+    log.append([{"method": "pfc", "index": 10 + i, "average_drop": float(v[0]),
+                 "increase_in_confidence": float(v[1]), "deletion_auc": float(v[2]),
+                 "insertion_auc": float(v[3]), "seconds": 1.0} for i, v in enumerate(values)])
+  run = lambda *args: subprocess.run([sys.executable, str(script), *map(str, args)],
+                                     capture_output=True, text=True)
+  result = run(tmp_path / "paper.jsonl", "pfc", "pfc", "--second-records", tmp_path / "fast.jsonl")
+  assert result.returncode == 0, result.stderr
+  expected = (scores["paper"] - scores["fast"]).mean(axis=0)
+  printed = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()[1:]}
+  np.testing.assert_allclose(
+      [printed[k] for k in ("average_drop", "increase_in_confidence", "deletion_auc",
+                            "insertion_auc")], expected, atol=1e-4)
+
+  evaluation.RecordLog(tmp_path / "other.jsonl", {**data, "weights": "v", "preset": "fast"})
+  result = run(tmp_path / "paper.jsonl", "pfc", "pfc", "--second-records", tmp_path / "other.jsonl")
+  assert result.returncode != 0 and "weights" in result.stderr
