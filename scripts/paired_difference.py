@@ -22,10 +22,9 @@ import numpy as np
 from pfc_jax import evaluation
 
 METRICS = tuple(key for key, *_ in evaluation.COLUMNS if key != "seconds_per_image")
-
-
-# Settings that must agree for two records files to score the same images.
-SAME_DATA = ("model", "images", "labels", "image_size", "weights", "seed")
+# Settings that choose the methods; every other setting (model, weights, data, seed, curve
+# settings) must agree for two records files' scores to be paired.
+METHOD_SETTINGS = ("preset", "vgg_weights")
 
 
 def paired_scores(path: str, first: str, second: str, second_path: str | None = None
@@ -38,7 +37,8 @@ def paired_scores(path: str, first: str, second: str, second_path: str | None = 
   second_records = records
   if second_path is not None:
     second_settings, second_records, _ = evaluation.read_records(second_path)
-    differing = [k for k in SAME_DATA if settings.get(k) != second_settings.get(k)]
+    differing = sorted(k for k in set(settings) | set(second_settings)
+                       if k not in METHOD_SETTINGS and settings.get(k) != second_settings.get(k))
     if differing:
       raise SystemExit(f"{path} and {second_path} score different data: {differing} differ.")
   indices = sorted({i for m, i in records if m == first}
