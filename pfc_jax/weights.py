@@ -226,7 +226,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(
         f"Reading {str(path)!r}, a PyTorch state dict, needs torch: `pip install torch` (the "
-        "CPU build is enough), or use the weights as .safetensors.") from e
+        "CPU build is enough), or use the weights as .safetensors (`pfc-jax convert-weights` "
+        "writes them where torch is installed).") from e
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -380,10 +381,20 @@ def _downloaded_file(name: str) -> Path:
     except (OSError, ValueError) as e:  # No network, HTTP errors (huggingface_hub's are
       errors.append(f"{download.url}: {e}")  # OSErrors too), a checksum mismatch: try the next.
       checksum_failed |= isinstance(e, ValueError)
-  options = " or ".join(f"{d.url} saved as {folder / d.filename}" for d in _downloads(name))
+  readable = [d for d in _downloads(name) if not d.needs_torch or _has_torch()]
+  if readable:
+    options = " or ".join(f"{d.url} saved as {folder / d.filename}" for d in readable)
+    advice = f"Fetch {options} and try again, or pass a weights file."
+  else:
+    pth = _downloads(name)[0]
+    advice = (
+        f"Its published weights, {pth.url}, are a PyTorch .pth, which needs torch (`pip install "
+        f"torch`); without torch, pass a {name} weights file in torchvision layout as "
+        f".safetensors, e.g. written where torch is installed by `pfc-jax convert-weights "
+        f"{pth.filename} {name}.safetensors --model {name}`.")
   raise (ValueError if checksum_failed else FileNotFoundError)(
-      f"No {name} weights in the cache and none could be downloaded ({'; '.join(errors)}). "
-      f"Fetch {options} and load again, or pass the file as `source`.")
+      f"No {name} weights in the cache ({cache_dir()}) and none could be downloaded "
+      f"({'; '.join(errors)}). {advice}")
 
 
 def _load_cached(name: str) -> dict:

@@ -141,6 +141,9 @@ def test_class_activation_methods_need_a_feature_split():
     (lambda: baselines.RISEConfig(keep_probability=0.0), "keep_probability"),
     (lambda: baselines.IntegratedGradientsConfig(num_steps=0), "num_steps"),
     (lambda: baselines.ScoreCAMConfig(chunk_size=0), "chunk_size"),
+    (lambda: baselines.OcclusionConfig(patch_size=2.5), "`patch_size` must be an integer"),
+    (lambda: baselines.RISEConfig(cells=True), "`cells` must be an integer"),
+    (lambda: baselines.OcclusionConfig(fill=float("nan")), "fill"),
 ])
 def test_bad_configs_raise(make_config, match):
   with pytest.raises(ValueError, match=match):
@@ -154,3 +157,55 @@ def test_bad_arguments_raise():
     baselines.gradcam(classifier, images, np.zeros(3, np.int32))
   with pytest.raises(ValueError, match="config"):
     baselines.occlusion(classifier, images, np.zeros(2, np.int32), None, baselines.RISEConfig())
+
+
+def test_occlusion_stride_beyond_the_patch_raises():
+  """64x64 image, 8 px patches every 16 px: 61% of the pixels would have no score (NaN)."""
+  with pytest.raises(ValueError, match=r"`stride` \(16\) must not exceed `patch_size` \(8\)"):
+    baselines.OcclusionConfig(patch_size=8, stride=16)
+  baselines.OcclusionConfig(patch_size=8, stride=8)  # Touching patches cover every pixel.
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+@pytest.mark.parametrize("target", [[2, 2], [-1, -1], [0, 5]])
+def test_targets_outside_the_classes_raise(name, target):
+  classifier = colour_classifier()  # Two classes.
+  images, _ = colour_images()
+  with pytest.raises(ValueError, match=r"`target` must lie in .*\[0, 2\)"):
+    baselines.METHODS[name](classifier, images, np.array(target), jax.random.key(0), FAST_CONFIGS[name])
+
+
+def _degenerate_images(case: str) -> np.ndarray:
+  """Two images of side 8 (the smallest accepted) or 16 for each degenerate case."""
+  if case == "constant":
+    return np.full((2, SIZE, SIZE, 3), 0.5, np.float32)
+  if case == "black":
+    return np.zeros((2, SIZE, SIZE, 3), np.float32)
+  if case == "white":
+    return np.ones((2, SIZE, SIZE, 3), np.float32)
+  if case == "one_pixel_object":
+    images = np.zeros((2, SIZE, SIZE, 3), np.float32)
+    images[:, 7, 9] = [1.0, 0.0, 0.0]
+    return images
+  if case == "smallest":
+    return colour_images()[0][:, :8, :8]
+  raise ValueError(case)
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+@pytest.mark.parametrize("case", ["constant", "black", "white", "one_pixel_object", "smallest",
+                                  "saturated_logits"])
+def test_degenerate_inputs_give_finite_maps(name, case):
+  classifier = colour_classifier()
+  if case == "saturated_logits":  # Probabilities exactly 1 and 0 (underflow) in float32.
+    classifier = Classifier(colour_apply, {**classifier.params, "scale": jnp.float32(1e6)},
+                            mean=(0, 0, 0), std=(1, 1, 1), features_fn=colour_features,
+                            head_fn=colour_head)
+    images = colour_images()[0]
+  else:
+    images = _degenerate_images(case)
+  for target in (np.zeros(2, np.int32), np.ones(2, np.int32)):
+    saliency = np.asarray(baselines.METHODS[name](
+        classifier, images, target, jax.random.key(0), FAST_CONFIGS[name]))
+    assert saliency.shape == images.shape[:3]
+    assert np.isfinite(saliency).all(), f"{name} on {case} images, target {target[0]}"

@@ -73,20 +73,51 @@ def _palette_with_transparency() -> Image.Image:
 
 @pytest.mark.parametrize("image, rgb255", [
     (Image.new("L", (20, 20), 128), (128, 128, 128)),
-    (Image.new("LA", (20, 20), (64, 0)), (64, 64, 64)),
     (Image.new("1", (20, 20), 1), (255, 255, 255)),
-    (Image.new("RGBA", (20, 20), (10, 200, 30, 0)), (10, 200, 30)),  # Alpha dropped.
+    (Image.new("RGBA", (20, 20), (10, 200, 30, 255)), (10, 200, 30)),  # Opaque: as stored.
     (Image.new("CMYK", (20, 20), (0, 0, 0, 0)), (255, 255, 255)),
     (Image.new("CMYK", (20, 20), (255, 0, 0, 0)), (0, 255, 255)),
     (Image.fromarray(np.full((20, 20), 128 * 257, np.uint16)), (128, 128, 128)),  # 16-bit.
-    (_palette_with_transparency(), (10, 20, 30)),
 ])
-def test_colour_modes_become_rgb(image, rgb255, tmp_path):
+def test_colour_modes_become_rgb(image, rgb255, tmp_path, recwarn):
   path = tmp_path / ("image.tiff" if image.mode == "CMYK" else "image.png")
   image.save(path)
   out = data.load_image(path, 16)
   assert out.shape == (16, 16, 3) and out.dtype == np.float32
   np.testing.assert_allclose(out, np.broadcast_to(np.array(rgb255) / 255.0, out.shape), atol=2e-2)
+  assert not recwarn.list
+
+
+def _composited(rgb, alpha):
+  """Colour over white with opacity `alpha` in [0, 255]: rgb a + 255 (1 - a)."""
+  return tuple(c * alpha / 255 + 255 * (1 - alpha / 255) for c in rgb)
+
+
+@pytest.mark.parametrize("image, rgb255", [
+    (Image.new("RGBA", (20, 20), (10, 200, 30, 0)), (255, 255, 255)),  # Hidden colour ignored.
+    (Image.new("RGBA", (20, 20), (10, 200, 30, 128)), _composited((10, 200, 30), 128)),
+    (Image.new("LA", (20, 20), (64, 0)), (255, 255, 255)),
+    (Image.new("LA", (20, 20), (64, 200)), _composited((64, 64, 64), 200)),
+    (_palette_with_transparency(), (255, 255, 255)),
+])
+def test_transparent_pixels_are_composited_onto_white_with_a_warning(image, rgb255, tmp_path):
+  image.save(tmp_path / "cutout.png")
+  with pytest.warns(UserWarning, match=r"cutout\.png.* transparent pixels; .* onto white") as caught:
+    out = data.load_image(tmp_path / "cutout.png", 16)
+  assert len(caught) == 1
+  np.testing.assert_allclose(out, np.broadcast_to(np.array(rgb255) / 255.0, out.shape), atol=2e-2)
+
+
+def test_tiny_images_warn(tmp_path, recwarn):
+  Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "dot.png")
+  message = r"dot\.png' is only 1x1 pixels, far below the 224-pixel input: it is upsampled 256x"
+  with pytest.warns(UserWarning, match=message):
+    out = data.load_image(tmp_path / "dot.png", 224)
+  np.testing.assert_allclose(out, np.broadcast_to(np.array([200, 10, 10]) / 255.0, out.shape),
+                             atol=1e-6)
+  _gradient(64, 80).save(tmp_path / "small.png")  # Upsampled exactly 4x: no warning.
+  data.load_image(tmp_path / "small.png", 224)
+  assert not recwarn.list
 
 
 def test_sixteen_bit_png_keeps_its_range(tmp_path):
@@ -118,6 +149,12 @@ def test_bad_files_raise_naming_the_file(name, content, tmp_path):
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="absent.jpg"):
     data.load_image(tmp_path / "absent.jpg")
+
+
+def test_a_directory_is_reported_as_a_directory(tmp_path):
+  (tmp_path / "photos.jpg").mkdir()
+  with pytest.raises(IsADirectoryError, match=r"photos\.jpg' is a directory, not an image file"):
+    data.load_image(tmp_path / "photos.jpg")
 
 
 def test_normalize():

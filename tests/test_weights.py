@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 
 import reference_numpy as ref
-from pfc_jax import models, weights
+from pfc_jax import cli, models, weights
 from pfc_jax.commands import convert_weights
 
 TOLERANCE = 1e-4  # Relative max logit difference.
@@ -271,8 +271,7 @@ def test_convert_weights_command(squeezenet, tmp_path, capsys):
   assert args.func(args) == 0
   _assert_same_params(weights.load("squeezenet1_1", dst),
                       weights.load("squeezenet1_1", squeezenet[1]))
-  args = parser.parse_args(["convert-weights", str(squeezenet[1]), str(dst), "--model", "vgg16"])
-  assert args.func(args) == 1
+  assert cli.main(["convert-weights", str(squeezenet[1]), str(dst), "--model", "vgg16"]) == 2
   assert "missing keys" in capsys.readouterr().err
 
 

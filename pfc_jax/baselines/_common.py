@@ -48,14 +48,20 @@ def resize_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def min_max_normalize(maps: jax.Array) -> jax.Array:
-  """Per-map min-max normalisation of `maps [B, H, W]` to [0, 1]; a constant map becomes all ones.
+  """Per-map min-max normalisation of `maps [B, H, W]`: `(m - min) / (max - min + eps)`.
 
-  All ones, because a map that ranks no pixel above another keeps the whole image (for the
-  Grad-CAM++ metrics the image is then unchanged).
+  `eps` is float32's smallest normal number, so every map whose values differ is scaled by its
+  own range (the result does not depend on the map's scale) and a constant map, which ranks no
+  pixel above another, becomes 0 everywhere: it keeps nothing. This is the usual convention
+  (e.g. pytorch-grad-cam's `scale_cam_image`); for the Grad-CAM++ metrics a constant map then
+  keeps none of the image, not all of it.
+
+  Returns:
+    `[B, H, W] float32` in [0, 1].
   """
   low = maps.min(axis=(1, 2), keepdims=True)
   span = maps.max(axis=(1, 2), keepdims=True) - low
-  return jnp.where(span > 0, (maps - low) / jnp.where(span > 0, span, 1.0), 1.0)
+  return (maps - low) / (span + np.finfo(np.float32).tiny)
 
 
 def num_chunks(total: int, chunk_size: int) -> int:
@@ -95,18 +101,60 @@ def sum_over_chunks(chunk_fn: Callable, static: Any, count: int, *args: Any) -> 
   return total
 
 
-def check_target(target, batch_size: int) -> jax.Array:
-  """Validates `target` as `[B]` integer class indices and returns it as int32.
+@functools.lru_cache(maxsize=64)
+def _num_classes(structure: Any, leaf_specs: tuple[jax.ShapeDtypeStruct, ...], height: int,
+                 width: int) -> int:
+  abstract = jax.tree.unflatten(structure, leaf_specs)
+  logits = jax.eval_shape(lambda c, x: c.logits(x), abstract,
+                          jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
+  return int(logits.shape[-1])
+
+
+def num_classes(classifier: Classifier, height: int, width: int) -> int:
+  """Number of classes C of `classifier`'s logits `[B, C]` on `height x width` images.
+
+  Found by `jax.eval_shape` of one image (no computation), cached per classifier structure,
+  parameter shapes and image size.
+  """
+  leaves, structure = jax.tree.flatten(classifier)
+  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
+  return _num_classes(structure, specs, height, width)
+
+
+def check_target(target: Any, classifier: Classifier, images: jax.Array) -> jax.Array:
+  """Validates `target` as one class index in [0, C) per image and returns it as `[B] int32`.
+
+  Args:
+    target: `[B]` integer class indices.
+    classifier: The classifier; C is the length of its logits.
+    images: `[B, H, W, 3]` images the targets belong to.
+
+  Value checks run only on concrete arrays; under `jax.jit` only shape and dtype are checked.
 
   Raises:
-    ValueError: if `target` is not integer or not of shape `[batch_size]`.
+    ValueError: if `target` is not integer, not of shape `[B]`, or outside [0, C).
   """
-  target = jnp.asarray(target)
+  batch_size, height, width = images.shape[:3]
+  target = target if isinstance(target, jax.core.Tracer) else np.asarray(target)
   if target.shape != (batch_size,) or not jnp.issubdtype(target.dtype, jnp.integer):
     raise ValueError(
         f"`target` must be {batch_size} integer class indices (one per image), got shape "
         f"{tuple(target.shape)} and dtype {target.dtype}.")
-  return target.astype(jnp.int32)
+  if not isinstance(target, jax.core.Tracer) and batch_size:
+    count = num_classes(classifier, height, width)
+    if target.min() < 0 or target.max() >= count:
+      raise ValueError(
+          f"`target` must lie in the classifier's class range [0, {count}), got values in "
+          f"[{target.min()}, {target.max()}].")
+  return jnp.asarray(target, jnp.int32)
+
+
+def check_positive_ints(config: Any, *names: str) -> None:
+  """Raises ValueError naming the first of `config`'s fields `names` that is not an int >= 1."""
+  for name in names:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
 
 
 def check_config(config: Any, config_type: type) -> Any:

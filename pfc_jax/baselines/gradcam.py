@@ -50,6 +50,9 @@ def gradcam(classifier: Classifier, images: jax.Array, target: jax.Array, key: j
             config: GradCAMConfig | None = None) -> jax.Array:
   """Grad-CAM saliency: ReLU of the feature maps weighted by their mean target-logit gradient.
 
+  Selvaraju et al., eqs. 1-2: saliency = ReLU(sum_k alpha_k A_k), alpha_k = mean over (i, j) of
+  d logit_t / d A_k(i, j), with A the output of `features_fn`, upsampled bilinearly.
+
   Args:
     classifier: Needs `features_fn` and `head_fn`.
     images: `[B, H, W, 3] float32` RGB in [0, 1].
@@ -61,10 +64,11 @@ def gradcam(classifier: Classifier, images: jax.Array, target: jax.Array, key: j
     `[B, H, W] float32` saliency, >= 0, bilinearly upsampled from the feature resolution.
 
   Raises:
-    ValueError: if the classifier lacks `features_fn`/`head_fn`, or on bad images or targets.
+    ValueError: if the classifier lacks `features_fn`/`head_fn`, on bad images, or on a
+      `target` outside the classifier's classes [0, C).
   """
   del key
   config = _common.check_config(config, GradCAMConfig)
   check_feature_split(classifier, "Grad-CAM")
   images = check_images(images)
-  return _gradcam(config, classifier, images, _common.check_target(target, images.shape[0]))
+  return _gradcam(config, classifier, images, _common.check_target(target, classifier, images))

@@ -27,9 +27,7 @@ class IntegratedGradientsConfig:
   chunk_size: int = 8
 
   def __post_init__(self):
-    if self.num_steps < 1 or self.chunk_size < 1:
-      raise ValueError(
-          f"`num_steps` and `chunk_size` must be >= 1, got {self.num_steps} and {self.chunk_size}.")
+    _common.check_positive_ints(self, "num_steps", "chunk_size")
     if not 0.0 <= self.baseline <= 1.0:
       raise ValueError(f"`baseline` must lie in [0, 1], got {self.baseline}.")
 
@@ -66,11 +64,15 @@ def integrated_gradients(classifier: Classifier, images: jax.Array, target: jax.
 
   Returns:
     `[B, H, W] float32` saliency, >= 0.
+
+  Raises:
+    ValueError: on bad images, a `target` outside the classifier's classes [0, C), or a
+      config that is not an `IntegratedGradientsConfig`.
   """
   del key
   config = _common.check_config(config, IntegratedGradientsConfig)
   images = check_images(images)
-  target = _common.check_target(target, images.shape[0])
+  target = _common.check_target(target, classifier, images)
   grad_sum = _common.sum_over_chunks(
       _gradient_chunk, config, _common.num_chunks(config.num_steps, config.chunk_size),
       classifier, images, target)

@@ -19,8 +19,9 @@ class OcclusionConfig:
 
   Attributes:
     patch_size: Side of the square patch in pixels; default 32 (clipped to the image size).
-    stride: Step between patch positions in pixels; default 16. A last row/column of positions
-      is added where needed so that patches cover the whole image.
+    stride: Step between patch positions in pixels, at most `patch_size` so that every pixel
+      is covered; default 16. A last row/column of positions is added where needed so that
+      patches reach the image's far edges.
     fill: Grey level of the patch in raw [0, 1] RGB; default 0.5 (mid grey; 0.0 is black).
     chunk_size: Patch positions per image per forward pass; default 32 (memory only).
   """
@@ -30,10 +31,11 @@ class OcclusionConfig:
   chunk_size: int = 32
 
   def __post_init__(self):
-    if min(self.patch_size, self.stride, self.chunk_size) < 1:
+    _common.check_positive_ints(self, "patch_size", "stride", "chunk_size")
+    if self.stride > self.patch_size:
       raise ValueError(
-          "`patch_size`, `stride` and `chunk_size` must be >= 1, got "
-          f"{self.patch_size}, {self.stride} and {self.chunk_size}.")
+          f"`stride` ({self.stride}) must not exceed `patch_size` ({self.patch_size}): pixels "
+          "between patches would have no occlusion score.")
     if not 0.0 <= self.fill <= 1.0:
       raise ValueError(f"`fill` must lie in [0, 1], got {self.fill}.")
 
@@ -93,11 +95,15 @@ def occlusion(classifier: Classifier, images: jax.Array, target: jax.Array, key:
 
   Returns:
     `[B, H, W] float32` saliency (may be negative where occlusion raises the score).
+
+  Raises:
+    ValueError: on bad images, a `target` outside the classifier's classes [0, C), or a
+      config that is not an `OcclusionConfig`.
   """
   del key
   config = _common.check_config(config, OcclusionConfig)
   images = check_images(images)
-  target = _common.check_target(target, images.shape[0])
+  target = _common.check_target(target, classifier, images)
   num_positions = len(patch_grid(config, *images.shape[1:3])[0])
   drop_sum, coverage = _common.sum_over_chunks(
       _occlusion_chunk, config, _common.num_chunks(num_positions, config.chunk_size),

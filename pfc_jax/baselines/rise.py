@@ -29,10 +29,7 @@ class RISEConfig:
   chunk_size: int = 50
 
   def __post_init__(self):
-    if min(self.num_masks, self.cells, self.chunk_size) < 1:
-      raise ValueError(
-          "`num_masks`, `cells` and `chunk_size` must be >= 1, got "
-          f"{self.num_masks}, {self.cells} and {self.chunk_size}.")
+    _common.check_positive_ints(self, "num_masks", "cells", "chunk_size")
     if not 0.0 < self.keep_probability <= 1.0:
       raise ValueError(f"`keep_probability` must lie in (0, 1], got {self.keep_probability}.")
 
@@ -84,10 +81,14 @@ def rise(classifier: Classifier, images: jax.Array, target: jax.Array, key: jax.
 
   Returns:
     `[B, H, W] float32` saliency, >= 0.
+
+  Raises:
+    ValueError: on bad images or keys, a `target` outside the classifier's classes [0, C), or
+      a config that is not a `RISEConfig`.
   """
   config = _common.check_config(config, RISEConfig)
   images = check_images(images)
-  target = _common.check_target(target, images.shape[0])
+  target = _common.check_target(target, classifier, images)
   keys = per_image_keys(key, images.shape[0])
   total = _common.sum_over_chunks(
       _rise_chunk, config, _common.num_chunks(config.num_masks, config.chunk_size),

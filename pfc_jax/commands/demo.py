@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
   try:
     if args.num_images < 1:
       raise ValueError(f"`--num-images` must be at least 1, got {args.num_images}.")
+    if args.seed < 0:
+      raise ValueError(f"`--seed` must be at least 0 (it seeds the benchmark), got {args.seed}.")
     config = demo_config(args.preset)
     bench = shapes.generate(args.num_images, size=models.input_size(MODEL), seed=args.seed)
   except ValueError as e:

@@ -4,7 +4,8 @@ For each image, written atomically under --out: `<stem>.png` (image | coalitions
 the image, titled with the class name and probability) and `<stem>.npz` (saliency, w, labels,
 target, probs); and `summary.json` with each image's class, probability and seconds and the
 settings used (the first image's seconds include compilation). Unreadable images are listed
-and skipped; the exit code is then 1.
+and skipped; the exit code is then 1. Warnings about an image (transparency, a tiny image
+upsampled) are printed and kept in its `summary.json` record.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import tqdm
 
 from pfc_jax import data, io, models, parallel, viz, weights
 from pfc_jax.classifier import Classifier
+from pfc_jax.commands._common import load_weights
 from pfc_jax.explain import PRESETS, ExplainConfig, explain
 
 
@@ -36,21 +39,27 @@ def add_parser(subparsers) -> None:
                       help="Image files (any format PIL reads).")
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES,
                       help="Classifier to explain.")
-  parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`); "
-                      "default: the model's cached or packaged weights.")
+  parser.add_argument("--weights", metavar="FILE",
+                      help="Weights file (.safetensors, .pth, .h5) or orbax directory; default: "
+                           "shapes_cnn's packaged weights, or the cached download of the others.")
   parser.add_argument("--preset", default="fast", choices=PRESETS, help="ExplainConfig preset.")
   parser.add_argument("--seed", type=int, default=0,
                       help="Image i (in command-line order) gets fold_in(PRNGKey(seed), i).")
   parser.add_argument("--image-size", type=int,
-                      help="Side of the square input in pixels; default: the model's own.")
+                      help="Side of the square input in pixels, at least 8; default: the "
+                           "model's own.")
   parser.add_argument("--out", required=True, help="Output folder.")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   parser.set_defaults(func=run)
 
 
 def load_model(name: str, source: str | None, config: ExplainConfig) -> tuple[Classifier, Any]:
-  """The classifier to explain and, if the coalition network copies VGG16, VGG16's variables."""
-  variables = weights.load(name, source=source)
+  """The classifier to explain and, if the coalition network copies VGG16, VGG16's variables.
+
+  Raises:
+    ValueError: naming `--weights`, the file and what is wrong, when weights cannot be loaded.
+  """
+  variables = load_weights(name, source)
   vgg_params = None
   if config.coalitions.init == "vgg16":
     vgg_params = variables if name == "vgg16" else weights.load("vgg16")
@@ -92,15 +101,21 @@ def write_explanation(out: Path, stem: str, image01: np.ndarray, result, index: 
           "num_coalitions": int(result.num_coalitions[index])}
 
 
+def _load_image(path: str, size: int) -> tuple[np.ndarray, list[str]]:
+  """The image and the texts of the warnings that loading it raised."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    image = data.load_image(path, size)
+  return image, [str(warning.message) for warning in caught]
+
+
 def run(args: argparse.Namespace) -> int:
-  try:
-    config = ExplainConfig.preset(args.preset)
-    classifier, vgg_params = load_model(args.model, args.weights, config)
-    class_names = models.class_names(args.model)
-    size = args.image_size or models.input_size(args.model)
-  except ValueError as e:
-    print(f"pfc-jax explain: error: {e}", file=sys.stderr)
-    return 2
+  if args.image_size is not None and args.image_size < 8:
+    raise ValueError(f"`--image-size` must be at least 8 pixels, got {args.image_size}.")
+  config = ExplainConfig.preset(args.preset)
+  classifier, vgg_params = load_model(args.model, args.weights, config)
+  class_names = models.class_names(args.model)
+  size = args.image_size or models.input_size(args.model)
   out = Path(args.out)
   summary = {
       "settings": {"model": args.model, "weights": args.weights, "preset": args.preset,
@@ -110,17 +125,23 @@ def run(args: argparse.Namespace) -> int:
   for index, (path, stem) in enumerate(
       zip(tqdm.tqdm(args.images, desc="explain", unit="img", disable=args.no_progress), stems)):
     try:
-      image = data.load_image(path, size)
+      image, notes = _load_image(path, size)
+    except IsADirectoryError as e:
+      summary["failed"].append({"image": path, "error": f"{e} For a folder, use `pfc-jax batch "
+                                                        "--images DIR`."})
+      continue
     except (OSError, ValueError) as e:
       summary["failed"].append({"image": path, "error": str(e)})
       continue
+    for note in notes:
+      print(f"pfc-jax explain: warning: {note}", file=sys.stderr)
     start = time.perf_counter()
     result = jax.device_get(explain(
         classifier, image[None], parallel.image_keys(args.seed, [index]), config, vgg_params))
     seconds = time.perf_counter() - start
     summary["images"].append({
         "image": path, **write_explanation(out, stem, image, result, 0, class_names),
-        "seconds": round(seconds, 3)})
+        "seconds": round(seconds, 3), "warnings": notes})
     io.write_json(out / "summary.json", summary)
   io.write_json(out / "summary.json", summary)
   print(f"{out}: {len(summary['images'])} explained, {len(summary['failed'])} failed.")
