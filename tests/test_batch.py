@@ -1,12 +1,11 @@
-"""The resumable batch job: per-chunk atomic results, failures recorded, resumption, refusal."""
+"""The resumable batch job: atomic results files, failures recorded, exit codes, resumption,
+refusal, the first folder layout, and two processes. Interruptions: `test_batch_interrupt.py`."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from batch_job_main import run_batch_command
-from pfc_jax import batch, io, sources
+from pfc_jax import batch, io, models, sources, weights
 from pfc_jax.explain import ExplainConfig
 
 _ARGS = ("--model", "shapes_cnn", "--preset", "tiny", "--image-size", "16", "--chunk-size", "3",
@@ -29,11 +28,13 @@ def _write_images(folder: Path, count: int) -> list[str]:
   return [f"img{i:02d}" for i in range(count)]
 
 
-def test_corrupt_image_is_recorded_and_job_completes(tmp_path):
+def test_corrupt_image_is_recorded_and_job_completes(tmp_path, capsys):
   ids = _write_images(tmp_path / "in", 5)
   (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
   out = tmp_path / "out"
-  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]) == 0
+  # Some items unreadable: exit code 1, as `pfc-jax explain` gives.
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]) == 1
+  assert "1 of 6 items could not be read" in capsys.readouterr().err
   results = io.read_results(out)
   assert sorted(results) == ids
   record = results["img03"]
@@ -42,13 +43,35 @@ def test_corrupt_image_is_recorded_and_job_completes(tmp_path):
   assert 0.0 < record["probs"] <= 1.0 and isinstance(record["target"], int)
   failures = [json.loads(line) for line in (out / io.FAILURES_NAME).read_text().splitlines()]
   assert [f["id"] for f in failures] == ["broken"] and failures[0]["reason"]
+  assert io.read_failures(out) == {"broken": failures[0]["reason"]}
+  # Sorted paths: broken.jpg is item 0, so the first batch of 3 holds it and two images.
   assert sorted(p.name for p in out.iterdir()) == [
-      "chunk-00000.npz", "chunk-00001.npz", "failures.jsonl", "manifest.json"]
+      "failures.jsonl", "manifest.json", "results-00000000-00000002.npz",
+      "results-00000003-00000005.npz"]
+  first = io.load_results_file(out / "results-00000000-00000002.npz")
+  assert first["indices"].tolist() == [1, 2] and first["failed_indices"].tolist() == [0]
 
-  # Same arguments again: every chunk is skipped, nothing is rewritten.
-  mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.npz")}
-  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]) == 0
-  assert {p.name: p.stat().st_mtime_ns for p in out.glob("chunk-*.npz")} == mtimes
+  # Same arguments again: every item is skipped, nothing is rewritten; still exit code 1.
+  mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]) == 1
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+  assert "6 items, 6 done before; 0 explained now" in capsys.readouterr().out
+
+
+def test_exit_code_says_whether_every_item_failed(tmp_path, capsys):
+  (tmp_path / "in").mkdir()
+  for name in ("a.png", "b.jpg", "c.png"):  # Three, as the chunk size: one compiled shape.
+    (tmp_path / "in" / name).write_bytes(b"not an image")
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "bad"),
+                            *_ARGS]) == 1
+  assert "every item (3) could not be read" in capsys.readouterr().err
+  assert io.read_results(tmp_path / "bad") == {}
+  assert list(io.read_failures(tmp_path / "bad")) == ["a", "b", "c"]
+
+  _write_images(tmp_path / "good", 3)
+  assert run_batch_command(["--images", str(tmp_path / "good"), "--out", str(tmp_path / "ok"),
+                            *_ARGS]) == 0
+  assert "could not be read" not in capsys.readouterr().err
 
 
 def test_changed_settings_are_refused_naming_the_setting(tmp_path, capsys):
@@ -58,12 +81,17 @@ def test_changed_settings_are_refused_naming_the_setting(tmp_path, capsys):
   manifest = batch.build_manifest(source, ExplainConfig.preset("tiny"), 3, 0,
                                   {"model": "shapes_cnn", "weights": None, "preset": "tiny"})
   io.write_json(tmp_path / "out" / io.MANIFEST_NAME, manifest)
-  assert batch.check_manifest(tmp_path / "out", manifest)
+  assert batch.check_manifest(tmp_path / "out", manifest) == manifest
   code = run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
-                   *_ARGS, "--seed", "5"])
+                   *_ARGS, "--seed", "5", "--chunk-size", "2"])
   assert code == 2
   message = capsys.readouterr().err
   assert "seed: 0 there, 5 now" in message and "chunk_size" not in message
+  assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
+  # The chunk size is for information only: another one resumes the job.
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                            *_ARGS, "--chunk-size", "2"]) == 0
+  assert json.loads((tmp_path / "out" / io.MANIFEST_NAME).read_text())["chunk_size"] == 3
   with pytest.raises(ValueError, match="perturb.steps"):
     changed = json.loads(json.dumps(manifest))
     changed["config"]["perturb"]["steps"] += 1
@@ -73,29 +101,6 @@ def test_changed_settings_are_refused_naming_the_setting(tmp_path, capsys):
 def test_read_results_needs_a_manifest(tmp_path):
   with pytest.raises(ValueError, match="manifest"):
     io.read_results(tmp_path)
-
-
-def test_killed_job_resumes_with_every_id_once(tmp_path):
-  ids = _write_images(tmp_path / "in", 12)
-  out = tmp_path / "out"
-  command = [sys.executable, str(Path(__file__).parent / "batch_job_main.py"), "0.3",
-             "--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  job = subprocess.Popen(command, env=env)
-  deadline = time.monotonic() + 240
-  while not list(out.glob("chunk-*.npz")) and job.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  job.send_signal(signal.SIGKILL)
-  job.wait()
-  finished = len(list(out.glob("chunk-*.npz")))
-  assert 1 <= finished < 4, "the job was to be killed between its first and last chunk"
-
-  subprocess.run(command[:2] + ["0"] + command[3:], env=env, check=True, timeout=240)
-  results = io.read_results(out)
-  assert sorted(results) == ids
-  assert sum(np.load(path)["ids"].size for path in out.glob("chunk-*.npz")) == len(ids)
-  assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
 def _free_port() -> int:
@@ -113,7 +118,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   jobs = [subprocess.Popen(
-      [sys.executable, str(Path(__file__).parent / "batch_job_main.py"), "0",
+      [sys.executable, str(Path(__file__).parent / "batch_job_main.py"),
        "--images", str(tmp_path / "in"), "--out", str(tmp_path / "two"), *_ARGS, "--distributed",
        "--coordinator-address", address, "--num-processes", "2", "--process-id", str(process)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for process in (0, 1)]
@@ -133,3 +138,40 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     np.testing.assert_allclose(two[name]["saliency"].astype(np.float32),
                                one[name]["saliency"].astype(np.float32), atol=2e-3, err_msg=name)
     assert np.mean(two[name]["labels"] == one[name]["labels"]) > 0.98, name
+
+
+def test_first_layout_folder_is_read_and_resumed(tmp_path):
+  """A folder of chunk files (manifest format 1) reads as before and resumes with results files."""
+  ids = _write_images(tmp_path / "in", 4)
+  (tmp_path / "in" / "img99.png").write_bytes(b"not an image")  # Item 4: in chunk 2.
+  source = sources.ImageFolderSource(tmp_path / "in", 16)
+  config, settings = ExplainConfig.preset("tiny"), {"model": "shapes_cnn"}
+  out = tmp_path / "out"
+  manifest = {**batch.build_manifest(source, config, 2, 0, settings), "format": 1}
+  io.write_json(out / io.MANIFEST_NAME, manifest)
+  rng = np.random.default_rng(0)
+  written = {}
+  for chunk, names in ((0, ids[:2]), (1, ids[2:])):
+    arrays = {"ids": np.array(names), "saliency": rng.random((2, 16, 16)).astype(np.float16),
+              "labels": rng.integers(0, 3, (2, 16, 16)).astype(np.int16),
+              "num_coalitions": np.array([3, 2], np.int32), "target": np.array([1, 0], np.int32),
+              "probs": np.array([0.5, 0.25], np.float32), "failed_ids": np.array([], str),
+              "failed_reasons": np.array([], str)}
+    io.write_npz(out / f"chunk-{chunk:05d}.npz", **arrays)
+    written.update({name: (arrays["saliency"][row], arrays["target"][row])
+                    for row, name in enumerate(names)})
+  results = io.read_results(out)
+  assert list(results) == ids
+  for name, (saliency, target) in written.items():
+    np.testing.assert_array_equal(results[name]["saliency"], saliency)
+    assert results[name]["target"] == target
+
+  summary = batch.run_job(source, models.classifier("shapes_cnn", weights.load("shapes_cnn")), out, config=config,
+                          settings=settings, progress=False)
+  assert summary == batch.JobSummary(5, 4, 0, 1, 1)
+  assert sorted(p.name for p in out.glob("*.npz")) == [
+      "chunk-00000.npz", "chunk-00001.npz", "results-00000004-00000004.npz"]
+  assert io.read_failures(out) == {"img99": io.load_results_file(
+      out / "results-00000004-00000004.npz")["failed_reasons"][0]}
+  assert list(io.read_results(out)) == ids
+  assert json.loads((out / io.MANIFEST_NAME).read_text())["format"] == 1

@@ -1,14 +1,24 @@
-"""`pfc-jax batch`: explain a folder, glob or tfds split into a resumable output folder."""
+"""`pfc-jax batch`: explain a folder, glob or tfds split into a resumable output folder.
+
+Exit codes: 0 when every item is explained; 1 when some or all items could not be read (they
+are listed in OUT/failures.jsonl; the others are explained), as `pfc-jax explain` does; 2 for
+a usage error, settings that differ from the job already in --out, or another job running on
+--out; 130 (Ctrl-C, SIGINT) or 143 (SIGTERM) when stopped, after saving every finished image.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
-from pfc_jax import batch, models, parallel, sources, weights
+from pfc_jax import batch, io, models, parallel, sources, weights
+from pfc_jax.commands._common import load_weights
 from pfc_jax.explain import ExplainConfig
 
 
@@ -16,20 +26,28 @@ def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "batch", help="Explain a whole folder or tfds split, resumably, on every device.",
       description=(
-          "Explains every image of a folder, glob or tfds split in chunks written atomically "
-          "under --out. Run the same command again to resume: finished chunks are skipped. "
-          "Unreadable items go to OUT/failures.jsonl and the job carries on."))
+          "Explains every image of a folder, glob or tfds split into --out, saving each "
+          "compute batch atomically as soon as it is done. Run the same command again to "
+          "resume (with any --chunk-size): saved images are skipped. Ctrl-C or SIGTERM stops "
+          "at once and keeps what is saved (exit 130 or 143). Unreadable items go to "
+          "OUT/failures.jsonl and the job carries on; the exit code is then 1."))
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--images", help="Folder or glob of image files.")
   source.add_argument("--tfds", help="tfds data set name, e.g. imagenet2012.")
   parser.add_argument("--split", help="tfds split, e.g. 'validation[:10%%]' (with --tfds).")
   parser.add_argument("--data-dir", help="tfds data folder (with --tfds).")
-  parser.add_argument("--out", required=True, help="Output folder (manifest, chunk files, failures).")
+  parser.add_argument("--out", required=True,
+                      help="Output folder (manifest, results files, failures); one job at a time.")
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
-  parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
+  parser.add_argument("--weights", metavar="FILE",
+                      help="Weights file (.safetensors, .pth, .h5) or orbax directory; default: "
+                           "shapes_cnn's packaged weights, or the cached download of the others.")
   parser.add_argument("--preset", default="fast", help="ExplainConfig preset: paper, fast or tiny.")
   parser.add_argument("--image-size", type=int, default=224, help="Side of the square input, pixels.")
-  parser.add_argument("--chunk-size", type=int, default=64, help="Images per chunk file and per batch.")
+  parser.add_argument("--chunk-size", type=int,
+                      help="Images explained together over every device, and saved together; "
+                           "default: one per device on the CPU (as fast, and each image is saved "
+                           "when done), 64 on GPU and TPU. May change between runs.")
   parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(PRNGKey(seed), i).")
   parser.add_argument("--distributed", action="store_true",
                       help="Multi-host: call jax.distributed.initialize() first (run on every host).")
@@ -53,29 +71,49 @@ def _fingerprint(weights_source: str | None) -> dict | str | None:
   return {"path": os.path.abspath(file), "size": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+  """Shows warnings as `pfc-jax batch: warning: ...` lines on stderr."""
+  def show(message, category, filename, lineno, file=None, line=None):  # pylint: disable=unused-argument
+    print(f"pfc-jax batch: warning: {message}", file=sys.stderr)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = show
+    yield
+
+
 def run(args: argparse.Namespace) -> int:
+  """Runs the job; errors a user can cause raise ValueError, which `pfc_jax.cli.main` reports in
+  one line with exit code 2. Returns 0 or 1 (see the module docstring)."""
   cluster = (args.coordinator_address, args.num_processes, args.process_id)
   if any(value is not None for value in cluster) and not args.distributed:
-    print("pfc-jax batch: error: --coordinator-address, --num-processes and --process-id need "
-          "--distributed.", file=sys.stderr)
-    return 2
+    raise ValueError("--coordinator-address, --num-processes and --process-id need --distributed.")
+  if args.chunk_size is not None and args.chunk_size < 1:
+    raise ValueError(f"`--chunk-size` must be at least 1, got {args.chunk_size}.")
   if args.distributed:
     parallel.initialize_distributed(*cluster)
+  config = ExplainConfig.preset(args.preset)
+  source = sources.from_args(args.images, args.tfds, args.split, args.data_dir, args.image_size)
+  variables = load_weights(args.model, args.weights)
+  vgg_params = None
+  if config.coalitions.init == "vgg16":
+    vgg_params = variables if args.model == "vgg16" else weights.load("vgg16")
+  settings = {"model": args.model, "weights": _fingerprint(args.weights), "preset": args.preset}
   try:
-    config = ExplainConfig.preset(args.preset)
-    source = sources.from_args(args.images, args.tfds, args.split, args.data_dir, args.image_size)
-    variables = weights.load(args.model, source=args.weights)
-    vgg_params = None
-    if config.coalitions.init == "vgg16":
-      vgg_params = variables if args.model == "vgg16" else weights.load("vgg16")
-    settings = {"model": args.model, "weights": _fingerprint(args.weights), "preset": args.preset}
-    summary = batch.run_job(
-        source, models.classifier(args.model, variables), args.out, config=config,
-        chunk_size=args.chunk_size, seed=args.seed, settings=settings, vgg_params=vgg_params,
-        progress=not args.no_progress)
-  except ValueError as e:
-    print(f"pfc-jax batch: error: {e}", file=sys.stderr)
-    return 2
-  print(f"{args.out}: {summary.num_chunks} chunks ({summary.skipped_chunks} already done), "
-        f"{summary.explained} images explained, {summary.failed} unreadable.")
-  return 0
+    with _one_line_warnings():
+      summary = batch.run_job(
+          source, models.classifier(args.model, variables), args.out, config=config,
+          chunk_size=args.chunk_size, seed=args.seed, settings=settings, vgg_params=vgg_params,
+          progress=not args.no_progress, exit_on_signal=True)
+  except batch.JobLockedError as e:
+    raise ValueError(str(e)) from e
+  print(f"{args.out}: {summary.num_items} items, {summary.already_done} done before; "
+        f"{summary.explained} explained now, {summary.failed} unreadable now.")
+  if summary.total_failed and summary.total_failed == summary.num_items:
+    print(f"pfc-jax batch: every item ({summary.num_items}) could not be read; reasons in "
+          f"{Path(args.out) / io.FAILURES_NAME}.", file=sys.stderr)
+  elif summary.total_failed:
+    print(f"pfc-jax batch: {summary.total_failed} of {summary.num_items} items could not be read; "
+          f"reasons in {Path(args.out) / io.FAILURES_NAME}.", file=sys.stderr)
+  return 1 if summary.total_failed else 0
