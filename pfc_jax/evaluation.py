@@ -4,7 +4,18 @@ Protocol (Grad-CAM++, RISE): each method explains the class the model predicts o
 Images go through in batches, each batch through every method; image `i` gets the PRNG key
 `fold_in(key(seed), first_index + i)`, so results do not depend on the batch size or on which
 slice of a data set is evaluated. With a records file (`RecordLog`), every batch's per-image
-scores are appended as soon as they exist, and a rerun skips what the file already holds.
+scores are appended as soon as they exist, and a rerun skips what the file already holds. With a
+maps folder (`MapStore`), every method's maps are kept too, so that protocols added later are
+computed from them without rerunning the methods (a PFC map costs tens of seconds on a CPU, its
+metrics about one).
+
+Protocols (`EvaluationConfig.protocols`, `PROTOCOLS`): `drop` (Average Drop and Increase in
+Confidence, Grad-CAM++), `drop_mean` and `drop_blur` (the same with masked-out pixels in the
+classifier's mean colour or blurred), `drop_raw` (the map as produced instead of min-max
+normalised; no score for maps outside [0, 1]), `curves` (deletion and insertion AUC, RISE, 32
+steps), `curves_fine` (the same at RISE's 224 pixels per step) and `road` (ROAD, Rong et al.
+2022: MoRF and LeRF). Pointing game and relevance mass come with object masks, and the
+model-randomisation sanity check (Adebayo et al. 2018) on the first `randomization` images.
 
 Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` followed by optional
 `-`-separated modifiers that edit the PFC preset's `ExplainConfig`:
@@ -12,9 +23,12 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - consistency: `published` | `coalition` | `off` (`PerturbConfig.consistency`);
 - coalition network init: `random` | `vgg16init` (`CoalitionConfig.init`; `vgg16init` needs VGG16
   weights);
-- preset: `tiny` | `fast` | `paper` (replaces the evaluation's preset for this method).
+- parameterization of w: `pixel` | `region` | `lowres` (`PerturbConfig.parameterization`);
+- confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
+- preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
+  `tiny`; replaces the evaluation's preset for this method).
 
-For example `pfc`, `pfc-coalition`, `pfc-off`, `pfc-vgg16init`, `pfc-coalition-paper`.
+For example `pfc`, `pfc-coalition`, `pfc-lowres`, `pfc-fast_published`, `pfc-coalition-paper`.
 """
 
 from __future__ import annotations
@@ -35,17 +49,42 @@ import tqdm
 from pfc_jax import baselines, io, metrics
 from pfc_jax._inputs import check_images
 from pfc_jax.classifier import Classifier
-from pfc_jax.explain import ExplainConfig, explain
+
+from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain
 
 DEFAULT_METHODS = ("pfc", "gradcam", "scorecam", "integrated_gradients", "occlusion", "rise")
+# Protocol -> the record keys it computes (see the module docstring).
+PROTOCOLS = {
+    "drop": ("average_drop", "increase_in_confidence"),
+    "drop_mean": ("average_drop_mean", "increase_in_confidence_mean"),
+    "drop_blur": ("average_drop_blur", "increase_in_confidence_blur"),
+    "drop_raw": ("average_drop_raw", "increase_in_confidence_raw"),
+    "curves": ("deletion_auc", "insertion_auc"),
+    "curves_fine": ("deletion_auc_fine", "insertion_auc_fine"),
+    "road": ("road_morf", "road_lerf", "road_morf_curve", "road_lerf_curve"),
+}
+DEFAULT_PROTOCOLS = ("drop", "curves")
+# Computed when object masks are given, and on the first `randomization` images.
+LOCALIZATION = ("pointing_game", "relevance_mass")
+RANDOMIZATION = ("randomization_spearman",)
+# `metrics.confidences` options of each Average Drop protocol.
+_DROP_OPTIONS = {"drop": {}, "drop_mean": {"masked_value": "mean"},
+                 "drop_blur": {"masked_value": "blur"}, "drop_raw": {"normalization": "none"}}
+# The randomised model's key: fold_in(key(seed), this), an index no image reaches.
+_RANDOMIZATION_INDEX = 2 ** 32 - 1
 PFC_MODIFIERS = {
     "published": ("perturb", "consistency", "published"),
     "coalition": ("perturb", "consistency", "coalition"),
     "off": ("perturb", "consistency", "off"),
     "random": ("coalitions", "init", "random"),
     "vgg16init": ("coalitions", "init", "vgg16"),
+    "pixel": ("perturb", "parameterization", "pixel"),
+    "region": ("perturb", "parameterization", "region"),
+    "lowres": ("perturb", "parameterization", "lowres"),
+    "hinge": ("perturb", "confidence", "hinge"),
+    "log_softmax": ("perturb", "confidence", "log_softmax"),
 }
-PRESETS = ("tiny", "fast", "paper")  # Those of `ExplainConfig.preset`.
+PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
 TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
@@ -57,12 +96,25 @@ TINY_BASELINES = {
 COLUMNS = (
     ("average_drop", "Avg drop % (lower)", 100.0, ".2f"),
     ("increase_in_confidence", "Incr. conf. % (higher)", 100.0, ".2f"),
+    ("average_drop_mean", "Avg drop %, mean fill (lower)", 100.0, ".2f"),
+    ("increase_in_confidence_mean", "Incr. conf. %, mean fill (higher)", 100.0, ".2f"),
+    ("average_drop_blur", "Avg drop %, blur fill (lower)", 100.0, ".2f"),
+    ("increase_in_confidence_blur", "Incr. conf. %, blur fill (higher)", 100.0, ".2f"),
+    ("average_drop_raw", "Avg drop %, map as produced (lower)", 100.0, ".2f"),
+    ("increase_in_confidence_raw", "Incr. conf. %, map as produced (higher)", 100.0, ".2f"),
     ("deletion_auc", "Deletion AUC (lower)", 1.0, ".3f"),
     ("insertion_auc", "Insertion AUC (higher)", 1.0, ".3f"),
+    ("deletion_auc_fine", "Fine deletion AUC (lower)", 1.0, ".3f"),
+    ("insertion_auc_fine", "Fine insertion AUC (higher)", 1.0, ".3f"),
+    ("road_morf", "ROAD MoRF (lower)", 1.0, ".3f"),
+    ("road_lerf", "ROAD LeRF (higher)", 1.0, ".3f"),
     ("pointing_game", "Pointing game % (higher)", 100.0, ".1f"),
     ("relevance_mass", "Relevance mass (higher)", 1.0, ".3f"),
+    ("randomization_spearman", "Randomisation Spearman (lower)", 1.0, ".3f"),
     ("seconds_per_image", "s / image", 1.0, ".3g"),
 )
+# Per-image lists in the records whose element-wise means the report carries.
+CURVES = ("road_morf_curve", "road_lerf_curve")
 
 Method = Callable[[Classifier, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -79,6 +131,10 @@ class EvaluationConfig:
     seed: Seed of the per-image PRNG keys; default 0.
     curve_steps: Steps of the deletion and insertion curves; default 32.
     pointing_tolerance: Pointing-game tolerance in pixels; default 15.
+    protocols: Which protocols to compute (`PROTOCOLS`); default `("drop", "curves")`.
+    fine_curve_pixels: Pixels per step of `curves_fine`; default 224 (RISE's).
+    randomization: Run the model-randomisation check (last layer re-drawn) on the first this
+      many images of each method; default 0 (none). It reruns each method on them.
   """
   methods: tuple[str, ...] = DEFAULT_METHODS
   preset: str = "fast"
@@ -86,18 +142,29 @@ class EvaluationConfig:
   seed: int = 0
   curve_steps: int = metrics.DELETION_STEPS
   pointing_tolerance: float = metrics.POINTING_TOLERANCE
+  protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+  fine_curve_pixels: int = metrics.RISE_PIXELS_PER_STEP
+  randomization: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "methods", tuple(self.methods))
+    object.__setattr__(self, "protocols", tuple(self.protocols))
     if self.preset not in PRESETS:
       raise ValueError(f"`preset` must be one of {PRESETS}, got {self.preset!r}.")
     if not self.methods:
       raise ValueError("`methods` must name at least one method.")
     for name in self.methods:
       method_spec(name, self.preset)
-    if self.batch_size < 1 or self.curve_steps < 1:
+    unknown = [p for p in self.protocols if p not in PROTOCOLS]
+    if not self.protocols or unknown:
       raise ValueError(
-          f"`batch_size` and `curve_steps` must be >= 1, got {self.batch_size} and {self.curve_steps}.")
+          f"`protocols` must name at least one of {sorted(PROTOCOLS)}, got {list(self.protocols)}.")
+    if self.batch_size < 1 or self.curve_steps < 1 or self.fine_curve_pixels < 1:
+      raise ValueError(
+          "`batch_size`, `curve_steps` and `fine_curve_pixels` must be >= 1, got "
+          f"{self.batch_size}, {self.curve_steps} and {self.fine_curve_pixels}.")
+    if self.randomization < 0:
+      raise ValueError(f"`randomization` must be >= 0, got {self.randomization}.")
 
 
 def method_spec(name: str, preset: str) -> tuple[str, Any]:
@@ -181,8 +248,10 @@ class RecordLog:
   """Per-image scores in a JSON-lines file, appended as they are computed.
 
   Line 1 is `{"settings": {...}}`; each further line is one record `{"method", "index",
-  <metric>: float, ..., "seconds"}`, `index` counting from the start of the data set. A truncated
-  last line (an interrupted write) is dropped.
+  <metric>: float, ..., "seconds"}`, `index` counting from the start of the data set; a metric
+  that does not apply is `null`, and per-fraction curves are lists. A later line for the same
+  method and image replaces an earlier one (protocols added later rewrite the record with more
+  keys). A truncated last line (an interrupted write) is dropped.
 
   Args:
     path: The file; created with its folder when missing.
@@ -222,6 +291,63 @@ class RecordLog:
       os.fsync(f.fileno())
 
 
+class MapStore:
+  """Saliency maps of each method in a folder, kept so that metrics can be recomputed from them.
+
+  `DIR/settings.json` holds what determines the maps (model, weights, data, preset, seed); each
+  method call adds `DIR/<method>/maps-FIRST-LAST.npz` (data-set indices of its first and last
+  image), written atomically, with `indices [n] int64`, `maps [n, h, w]` (as the method returned
+  them: float32, or float16 for half-precision methods) and `seconds [n] float64` (the method's
+  time per image).
+
+  Args:
+    path: The folder; created when missing.
+    settings: JSON-ready values that determine the maps. An existing folder must hold the same.
+
+  Raises:
+    ValueError: naming `path` and the differing settings when it was written with others.
+  """
+
+  def __init__(self, path: str | os.PathLike, settings: dict[str, Any]):
+    self.path = Path(path)
+    settings = json.loads(json.dumps(settings))
+    settings_path = self.path / "settings.json"
+    if settings_path.exists():
+      found = json.loads(settings_path.read_text())
+      if found != settings:
+        differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        raise ValueError(
+            f"Maps folder {str(self.path)!r} holds maps made with other settings "
+            f"({', '.join(differ)}); choose another folder.")
+    else:
+      io.write_json(settings_path, settings)
+    self._maps: dict[str, dict[int, tuple[np.ndarray, float]]] = {}
+
+  def _method(self, method: str) -> dict[int, tuple[np.ndarray, float]]:
+    if method not in self._maps:
+      self._maps[method] = {}
+      for file in sorted((self.path / method).glob("maps-*.npz")):
+        with np.load(file) as stored:
+          for index, saliency, seconds in zip(stored["indices"], stored["maps"], stored["seconds"]):
+            self._maps[method][int(index)] = (saliency, float(seconds))
+    return self._maps[method]
+
+  def get(self, method: str, indices: list[int]) -> tuple[np.ndarray, list[float]] | None:
+    """`(maps [n, h, w], seconds [n])` of `indices`, or None unless all are stored."""
+    stored = self._method(method)
+    if not all(i in stored for i in indices):
+      return None
+    return np.stack([stored[i][0] for i in indices]), [stored[i][1] for i in indices]
+
+  def put(self, method: str, indices: list[int], maps: np.ndarray, seconds: list[float]) -> None:
+    """Stores `maps [n, h, w]` of images `indices` and the method's `seconds` per image."""
+    io.write_npz(self.path / method / f"maps-{indices[0]:08d}-{indices[-1]:08d}.npz",
+                 indices=np.asarray(indices, np.int64), maps=np.asarray(maps),
+                 seconds=np.asarray(seconds, np.float64))
+    self._method(method).update(
+        {i: (m, t) for i, m, t in zip(indices, np.asarray(maps), seconds)})
+
+
 @jax.jit
 def _predictions(classifier: Classifier, images: jax.Array) -> jax.Array:
   return jnp.argmax(classifier.logits(images), axis=-1).astype(jnp.int32)
@@ -238,27 +364,70 @@ def _batches(count: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
           for start in range(0, count, size)]
 
 
-def _score_batch(classifier: Classifier, images: jax.Array, saliency: jax.Array, target: jax.Array,
-                 masks: np.ndarray | None, config: EvaluationConfig) -> dict[str, np.ndarray]:
-  scores = {
-      "average_drop": metrics.average_drop(classifier, images, saliency, target),
-      "increase_in_confidence": metrics.increase_in_confidence(classifier, images, saliency, target),
-      "deletion_auc": metrics.deletion_auc(
-          classifier, images, saliency, target, num_steps=config.curve_steps),
-      "insertion_auc": metrics.insertion_auc(
-          classifier, images, saliency, target, num_steps=config.curve_steps),
-  }
-  if masks is not None:
-    scores["pointing_game"] = metrics.pointing_game(saliency, masks, config.pointing_tolerance)
-    scores["relevance_mass"] = metrics.relevance_mass(saliency, masks)
-  return {k: np.asarray(v) for k, v in scores.items()}
+def protocol_scores(protocol: str, classifier: Classifier, images: jax.Array, saliency: jax.Array,
+                     target: jax.Array, keys: jax.Array, config: EvaluationConfig
+                     ) -> dict[str, np.ndarray]:
+  """Per-image scores of one protocol of `PROTOCOLS` on one batch of maps.
+
+  Args:
+    protocol: A key of `PROTOCOLS`.
+    classifier: The classifier.
+    images: `[B, H, W, 3] float32` RGB in [0, 1].
+    saliency: `[B, h, w]` maps.
+    target: `[B] int32` explained classes.
+    keys: `[B]` PRNG keys (ROAD's imputation noise), one per image.
+    config: Curve settings (`curve_steps`, `fine_curve_pixels`).
+
+  Returns:
+    `{record key: [B] values}` (`[B, F]` for ROAD's curves); `None` where a metric does not
+    apply (`drop_raw` on a map outside [0, 1]).
+  """
+  names = PROTOCOLS[protocol]
+  if protocol in _DROP_OPTIONS:
+    options = _DROP_OPTIONS[protocol]
+    applies = np.ones(len(saliency), bool)
+    if options.get("normalization") == "none":  # Only maps that lie in [0, 1] as produced.
+      values = np.asarray(saliency)
+      applies = (values.min(axis=(1, 2)) >= 0) & (values.max(axis=(1, 2)) <= 1)
+      saliency = jnp.clip(saliency, 0.0, 1.0)
+    return {name: np.where(applies, np.asarray(fn(classifier, images, saliency, target, **options)),
+                           None)
+            for name, fn in zip(names, (metrics.average_drop, metrics.increase_in_confidence))}
+  if protocol in ("curves", "curves_fine"):
+    steps = config.curve_steps if protocol == "curves" else metrics.rise_steps(
+        *images.shape[1:3], config.fine_curve_pixels)
+    return {names[0]: metrics.deletion_auc(classifier, images, saliency, target, num_steps=steps),
+            names[1]: metrics.insertion_auc(classifier, images, saliency, target, num_steps=steps)}
+  curves = metrics.road(classifier, images, saliency, target, keys)
+  return dict(zip(names, (curves.morf.mean(axis=1), curves.lerf.mean(axis=1), curves.morf,
+                          curves.lerf)))
+
+
+def _record_value(value: Any) -> Any:
+  """A per-image score as JSON: float, list of floats, or None."""
+  if value is None:
+    return None
+  value = np.asarray(value, np.float64)
+  return value.tolist() if value.ndim else float(value)
+
+
+def _record_settings(model: str, config: EvaluationConfig, settings: dict[str, Any] | None
+                     ) -> dict[str, Any]:
+  """The records file's settings; settings new since the first release only when not default."""
+  extra = {}
+  if config.fine_curve_pixels != metrics.RISE_PIXELS_PER_STEP:
+    extra["fine_curve_pixels"] = config.fine_curve_pixels
+  return {"model": model, "preset": config.preset, "seed": config.seed,
+          "curve_steps": config.curve_steps, "pointing_tolerance": config.pointing_tolerance,
+          **extra, **(settings or {})}
 
 
 def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = None, *,
              labels=None, masks=None, model: str = "", vgg_params: Any = None,
              first_index: int = 0, records: str | os.PathLike | None = None,
+             maps_dir: str | os.PathLike | None = None,
              settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-  """Runs every method of `config` on `images` and averages every metric.
+  """Runs every method of `config` on `images` and averages every metric of its protocols.
 
   Args:
     classifier: The classifier to explain.
@@ -270,16 +439,23 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     vgg_params: VGG16 variables for PFC's `vgg16init` variant.
     first_index: Index of `images[0]` in its data set (for the per-image keys and records).
     records: Optional records file (`RecordLog`): per-image scores are appended after each batch,
-      and scores already there are reused instead of recomputed.
+      and scores already there are reused instead of recomputed; a protocol missing from them is
+      computed and the records rewritten with it.
+    maps_dir: Optional maps folder (`MapStore`): each method's maps are stored there, and maps
+      found there are used instead of running the method again.
     settings: What identifies the data (e.g. its path and the weights), stored in the records
-      file with `model` and the scoring settings of `config`.
-    progress: Show a progress bar on stderr.
+      file with `model` and the scoring settings of `config`, and in the maps folder.
+    progress: Show a progress bar over the images on stderr.
 
   Returns:
-    `{"model", "images", "preset", "seed", ["top1_accuracy",] "methods": {name: {"average_drop",
-    "increase_in_confidence" (both %), "deletion_auc", "insertion_auc", ["pointing_game" (%),
-    "relevance_mass",] "seconds_per_image"}}}`. Seconds per image are wall-clock time of the
-    method alone (metrics excluded), compilation included.
+    `{"model", "images", "preset", "seed", ["top1_accuracy",] "methods": {name: {<metric>: mean,
+    ..., "seconds_per_image"}}}`, with the metrics of `COLUMNS` that were computed (percentages
+    scaled to %; `None` when a metric applied to no image) and, with `road`, the mean
+    per-fraction curves `road_morf_curve` and `road_lerf_curve`. Seconds per image are
+    wall-clock time of the method alone (metrics excluded), compilation included.
+
+  Raises:
+    ValueError: on bad inputs, or a records file or maps folder written with other settings.
   """
   config = EvaluationConfig() if config is None else config
   images = check_images(images)
@@ -291,14 +467,16 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
           f"`masks` must be {tuple(images.shape[:3])} bool, got {masks.shape} {masks.dtype}.")
   log = None
   if records is not None:
-    log = RecordLog(records, {
-        "model": model, "preset": config.preset, "seed": config.seed,
-        "curve_steps": config.curve_steps, "pointing_tolerance": config.pointing_tolerance,
-        **(settings or {})})
+    log = RecordLog(records, _record_settings(model, config, settings))
+  store = None
+  if maps_dir is not None:
+    store = MapStore(maps_dir, {"model": model, "preset": config.preset, "seed": config.seed,
+                                **(settings or {})})
   batches = _batches(count, config.batch_size)
   target = jnp.concatenate([_predictions(classifier, images[b])[:real] for b, real in batches])
   base_key = jax.random.key(config.seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.arange(count) + first_index)
+  protocols = config.protocols + (("localization",) if masks is not None else ())
 
   report: dict[str, Any] = {"model": model, "images": count, "preset": config.preset,
                             "seed": config.seed}
@@ -309,47 +487,104 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     report["top1_accuracy"] = float(100.0 * np.mean(np.asarray(target) == labels))
   functions = {name: method_function(name, config.preset, vgg_params) for name in config.methods}
   scores: dict[str, list[dict[str, Any]]] = {name: [] for name in config.methods}
-  with tqdm.tqdm(total=count * len(config.methods), desc="evaluate", unit="image",
-                 disable=not progress) as bar:
+  randomized = None
+  with tqdm.tqdm(total=count, desc="evaluate", unit="image", disable=not progress) as bar:
     for b, real in batches:
       indices = [first_index + int(i) for i in b[:real]]
       for name, method in functions.items():
         bar.set_postfix_str(name)
-        found = [log.records.get((name, i)) for i in indices] if log else [None]
-        if all(found):
+        found = [log.records.get((name, i)) if log else None for i in indices]
+        wanted = {p: [True] * real for p in protocols}
+        if config.randomization:
+          wanted["randomization"] = [i < first_index + config.randomization for i in indices]
+        missing = [p for p, needed in wanted.items()
+                   if any(need and (old is None or any(k not in old for k in _keys(p)))
+                          for need, old in zip(needed, found))]
+        if not missing:
           scores[name] += found
-          bar.update(real)
           continue
-        start = time.perf_counter()
-        saliency = jax.block_until_ready(method(classifier, images[b], target[b], keys[b]))
-        seconds = (time.perf_counter() - start) / len(b)  # Padding shares the time.
-        batch_scores = _score_batch(classifier, images[b], saliency, target[b],
-                                    None if masks is None else masks[b], config)
-        new = [{"method": name, "index": index,
-                **{key: float(value[j]) for key, value in batch_scores.items()}, "seconds": seconds}
-               for j, index in enumerate(indices)]
+        saliency, seconds = _maps(store, name, method, classifier, images[b], target[b], keys[b],
+                                  indices)
+        batch_scores = {}
+        for protocol in missing:
+          if protocol == "localization":
+            batch_scores["pointing_game"] = metrics.pointing_game(
+                saliency, masks[b], config.pointing_tolerance)
+            batch_scores["relevance_mass"] = metrics.relevance_mass(saliency, masks[b])
+          elif protocol == "randomization":
+            if randomized is None:
+              randomized = metrics.randomized_classifier(
+                  classifier, jax.random.fold_in(base_key, _RANDOMIZATION_INDEX), images[:1])
+            after = method(randomized, images[b], target[b], keys[b])
+            correlation = np.asarray(metrics.spearman(saliency, after))
+            batch_scores["randomization_spearman"] = np.where(
+                wanted["randomization"] + [False] * (len(b) - real), correlation, None)
+          else:
+            batch_scores.update(protocol_scores(
+                protocol, classifier, images[b], saliency, target[b], keys[b], config))
+        new = []
+        for j, (index, old) in enumerate(zip(indices, found)):
+          # Images past the first `randomization` get no randomisation key (a larger count later
+          # computes it), whereas None elsewhere records a metric that does not apply.
+          record = {"method": name, "index": index, **(old or {}),
+                    **{key: _record_value(value[j]) for key, value in batch_scores.items()
+                       if not (key in RANDOMIZATION and value[j] is None)}}
+          record["seconds"] = old["seconds"] if old else seconds[j]
+          new.append(record)
         if log:
           log.append(new)
         scores[name] += new
-        bar.update(real)
+      bar.update(real)
   report["methods"] = {name: _means(method_scores) for name, method_scores in scores.items()}
   return report
 
 
-def _means(records: list[dict[str, Any]]) -> dict[str, float]:
-  """Report entry of one method: the scaled mean of each metric over its per-image records."""
-  means = {key: scale * float(np.mean([r[key] for r in records]))
-           for key, _, scale, _ in COLUMNS if key in records[0]}
+def _keys(protocol: str) -> tuple[str, ...]:
+  """The record keys of `protocol`, including the implicit `localization` and `randomization`."""
+  return {"localization": LOCALIZATION, "randomization": RANDOMIZATION}.get(
+      protocol, PROTOCOLS.get(protocol, ()))
+
+
+def _maps(store: MapStore | None, name: str, method: Method, classifier: Classifier,
+          images: jax.Array, target: jax.Array, keys: jax.Array, indices: list[int]
+          ) -> tuple[jax.Array, list[float]]:
+  """Maps `[B, h, w]` of a batch and the method's seconds per real image: stored or computed."""
+  stored = store.get(name, indices) if store else None
+  if stored is not None:
+    maps, seconds = stored
+    padding = len(images) - len(indices)  # The padded batch repeats its last image.
+    return jnp.asarray(np.concatenate([maps, np.repeat(maps[-1:], padding, axis=0)])), seconds
+  start = time.perf_counter()
+  saliency = jax.block_until_ready(method(classifier, images, target, keys))
+  seconds = [(time.perf_counter() - start) / len(images)] * len(indices)  # Padding shares it.
+  if store:
+    store.put(name, indices, np.asarray(saliency[:len(indices)]), seconds)
+  return saliency, seconds
+
+
+def _means(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """Report entry of one method: the scaled mean of each metric over the records that have it."""
+  means: dict[str, Any] = {}
+  for key, _, scale, _ in COLUMNS:
+    if any(key in r for r in records):
+      values = [r[key] for r in records if r.get(key) is not None]
+      means[key] = scale * float(np.mean(values)) if values else None
+  for key in CURVES:
+    values = [r[key] for r in records if r.get(key) is not None]
+    if values:
+      means[key] = np.mean(values, axis=0).tolist()
   means["seconds_per_image"] = float(np.mean([r["seconds"] for r in records]))
   return means
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-  """The report's methods as a Markdown table, one row per method."""
-  first = next(iter(report["methods"].values()))
-  columns = [(key, title, fmt) for key, title, _, fmt in COLUMNS if key in first]
+  """The report's methods as a Markdown table, one row per method ("n/a": no image scored)."""
+  present = {key for values in report["methods"].values() for key in values}
+  columns = [(key, title, fmt) for key, title, _, fmt in COLUMNS if key in present]
   lines = ["| Method | " + " | ".join(title for _, title, _ in columns) + " |",
            "|---|" + "---:|" * len(columns)]
   for name, values in report["methods"].items():
-    lines.append(f"| {name} | " + " | ".join(format(values[key], fmt) for key, _, fmt in columns) + " |")
+    cells = ["n/a" if values.get(key) is None else format(values[key], fmt)
+             for key, _, fmt in columns]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

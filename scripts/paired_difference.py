@@ -29,7 +29,8 @@ METHOD_SETTINGS = ("preset", "vgg_weights")
 
 def paired_scores(path: str, first: str, second: str, second_path: str | None = None
                   ) -> tuple[list[int], dict[str, np.ndarray]]:
-  """Indices both methods scored, and `{metric: [n, 2]}` of their scores on them.
+  """Indices both methods scored, and `{metric: [n, 2]}` of their scores on those of them where
+  both have that metric (protocols computed on some images only, or not applicable, drop out).
 
   `first` comes from `path`, `second` from `second_path` (default `path`).
   """
@@ -45,9 +46,14 @@ def paired_scores(path: str, first: str, second: str, second_path: str | None = 
                    & {i for m, i in second_records if m == second})
   if not indices:
     raise SystemExit(f"{path}: no image has scores of both {first!r} and {second!r}.")
-  metrics = [k for k in METRICS if k in records[(first, indices[0])]]
-  return indices, {k: np.array([[records[(first, i)][k], second_records[(second, i)][k]]
-                                for i in indices]) for k in metrics}
+  pairs = {}
+  for metric in METRICS:  # Over the images where both have a score (None: does not apply).
+    values = [(records[(first, i)].get(metric), second_records[(second, i)].get(metric))
+              for i in indices]
+    values = [pair for pair in values if None not in pair]
+    if values:
+      pairs[metric] = np.array(values)
+  return indices, pairs
 
 
 def main() -> None:
@@ -59,13 +65,15 @@ def main() -> None:
   parser.add_argument("--resamples", type=int, default=10000, help="Bootstrap resamples.")
   args = parser.parse_args()
   indices, scores = paired_scores(args.records, args.first, args.second, args.second_records)
-  rng = np.random.default_rng(0)
-  draws = rng.integers(0, len(indices), (args.resamples, len(indices)))
+  resample = lambda n: np.random.default_rng(0).integers(0, n, (args.resamples, n))
+  draws = resample(len(indices))
   print(f"{len(indices)} images, {args.first} - {args.second} (95% bootstrap interval)")
   for metric, pair in scores.items():
     difference = pair[:, 0] - pair[:, 1]
-    low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
-    print(f"  {metric:24s} {difference.mean():+.4f}  [{low:+.4f}, {high:+.4f}]")
+    chosen = draws if len(difference) == len(indices) else resample(len(difference))
+    low, high = np.percentile(difference[chosen].mean(axis=1), [2.5, 97.5])
+    images = "" if len(difference) == len(indices) else f"  ({len(difference)} images)"
+    print(f"  {metric:24s} {difference.mean():+.4f}  [{low:+.4f}, {high:+.4f}]{images}")
 
 
 if __name__ == "__main__":

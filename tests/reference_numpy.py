@@ -146,3 +146,43 @@ def squeezenet1_1(state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 def relative_difference(actual: np.ndarray, reference: np.ndarray) -> float:
   """max |actual - reference| / max |reference|."""
   return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))
+
+
+# ROAD's noisy linear imputation (Rong et al., ICML 2022; `NoisyLinearImputer` of their code):
+# neighbour offsets and weights, 1/6 direct and 1/12 diagonal.
+ROAD_NEIGHBOURS = (((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 / 12),
+                   ((0, -1), 1 / 6), ((-1, -1), 1 / 12), ((1, 0), 1 / 6), ((-1, 0), 1 / 6))
+
+
+def road_linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+  """Noise-free ROAD imputation of `image [H, W, C]` where `removed [H, W]`, by `spsolve`.
+
+  The reference code's sparse system: for removed pixel i,
+  `sum_j w_ij (x_j - x_i) = 0` over its in-bounds neighbours j, kept x_j taken from the image.
+  """
+  import scipy.sparse  # pylint: disable=import-outside-toplevel
+  import scipy.sparse.linalg  # pylint: disable=import-outside-toplevel
+
+  height, width, channels = image.shape
+  unknown = np.flatnonzero(removed.ravel())
+  variable = np.full(height * width, -1)
+  variable[unknown] = np.arange(len(unknown))
+  flat = image.reshape(-1, channels).astype(np.float64)
+  matrix = scipy.sparse.lil_matrix((len(unknown), len(unknown)))
+  rhs = np.zeros((len(unknown), channels))
+  for row, index in enumerate(unknown):
+    y, x = divmod(index, width)
+    total = 0.0
+    for (dy, dx), weight in ROAD_NEIGHBOURS:
+      if not (0 <= y + dy < height and 0 <= x + dx < width):
+        continue
+      total += weight
+      neighbour = (y + dy) * width + x + dx
+      if variable[neighbour] >= 0:
+        matrix[row, variable[neighbour]] = weight
+      else:
+        rhs[row] -= weight * flat[neighbour]
+    matrix[row, row] = -total
+  out = flat.copy()
+  out[unknown] = scipy.sparse.linalg.spsolve(matrix.tocsc(), rhs).reshape(len(unknown), channels)
+  return out.reshape(height, width, channels)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.resources
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -32,7 +33,8 @@ def test_report_holds_the_metrics_of_each_method():
   assert report["top1_accuracy"] == 50.0
   assert list(report["methods"]) == list(FAST)
   for values in report["methods"].values():
-    assert set(values) == {key for key, *_ in evaluation.COLUMNS}
+    assert set(values) == {"average_drop", "increase_in_confidence", "deletion_auc",
+                           "insertion_auc", "pointing_game", "relevance_mass", "seconds_per_image"}
     assert values["seconds_per_image"] > 0
 
   # Grad-CAM is deterministic: the report's means are the metrics of its maps.
@@ -255,3 +257,141 @@ def test_paired_difference_across_records_files(tmp_path):
   evaluation.RecordLog(tmp_path / "other.jsonl", {**data, "weights": "v", "preset": "fast"})
   result = run(tmp_path / "paper.jsonl", "pfc", "pfc", "--second-records", tmp_path / "other.jsonl")
   assert result.returncode != 0 and "weights" in result.stderr
+
+
+def test_protocols_added_later_are_computed_from_stored_maps(tmp_path, monkeypatch):
+  classifier = colour_classifier()
+  images, masks = colour_images(3)
+  config = evaluation.EvaluationConfig(methods=("gradcam", "rise"), preset="tiny", batch_size=2,
+                                       curve_steps=8)
+  paths = dict(records=tmp_path / "r.records.jsonl", maps_dir=tmp_path / "maps")
+  first = evaluation.evaluate(classifier, images, config, masks=masks, progress=False, **paths)
+  assert sorted(p.name for p in (tmp_path / "maps" / "rise").iterdir()) == [
+      "maps-00000000-00000001.npz", "maps-00000002-00000002.npz"]
+
+  calls = _counting(monkeypatch)
+  more = dataclasses.replace(config, protocols=("drop", "curves", "drop_mean", "curves_fine", "road"))
+  second = evaluation.evaluate(classifier, images, more, masks=masks, progress=False, **paths)
+  assert calls == []  # Every map came from the store.
+  for name in ("gradcam", "rise"):
+    for key, value in first["methods"][name].items():
+      assert second["methods"][name][key] == value, (name, key)
+  _, records, _ = evaluation.read_records(paths["records"])
+  with np.load(tmp_path / "maps" / "rise" / "maps-00000000-00000001.npz") as stored:
+    np.testing.assert_array_equal(stored["indices"], [0, 1])
+    saliency = stored["maps"]
+  target = np.zeros(2, np.int32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(np.arange(2))
+  road = metrics.road(classifier, images[:2], saliency, target, keys)
+  np.testing.assert_allclose([records[("rise", i)]["road_morf"] for i in (0, 1)],
+                             road.morf.mean(axis=1), rtol=1e-5)
+  np.testing.assert_allclose(
+      [records[("rise", i)]["average_drop_mean"] for i in (0, 1)],
+      metrics.average_drop(classifier, images[:2], saliency, target, masked_value="mean"), rtol=1e-5)
+  fine = metrics.deletion_auc(classifier, images[:2], saliency, target,
+                              num_steps=metrics.rise_steps(*images.shape[1:3]))
+  np.testing.assert_allclose([records[("rise", i)]["deletion_auc_fine"] for i in (0, 1)], fine,
+                             rtol=1e-5)
+  assert len(second["methods"]["rise"]["road_lerf_curve"]) == len(metrics.ROAD_FRACTIONS)
+  table = evaluation.markdown_table(second)
+  assert "ROAD MoRF" in table and "Fine deletion AUC" in table
+
+  with pytest.raises(ValueError, match=r"maps.*seed"):
+    evaluation.evaluate(classifier, images, dataclasses.replace(config, seed=1), progress=False,
+                        maps_dir=tmp_path / "maps")
+
+
+def test_map_as_produced_scores_only_maps_in_the_unit_range():
+  classifier = colour_classifier()
+  images, _ = colour_images(2)
+  saliency = np.stack([np.full((16, 16), 0.5, np.float32), np.full((16, 16), 2.0, np.float32)])
+  config = evaluation.EvaluationConfig(methods=("gradcam",))
+  scores = evaluation.protocol_scores("drop_raw", classifier, images, jax.numpy.asarray(saliency),
+                                       np.zeros(2, np.int32), None, config)
+  assert scores["average_drop_raw"][1] is None and scores["increase_in_confidence_raw"][1] is None
+  np.testing.assert_allclose(
+      scores["average_drop_raw"][0],
+      metrics.average_drop(classifier, images[:1], saliency[:1], np.zeros(1, np.int32),
+                           normalization="none")[0], rtol=1e-6)
+  report = {"methods": {"a": {"average_drop_raw": None, "seconds_per_image": 1.0}}}
+  assert evaluation.markdown_table(report).splitlines()[2] == "| a | n/a | 1 |"
+
+
+def test_randomization_check_on_the_first_images(tmp_path, monkeypatch):
+  classifier = colour_classifier()
+  images, _ = colour_images(3)
+  config = evaluation.EvaluationConfig(methods=("gradcam",), preset="tiny", batch_size=2,
+                                       curve_steps=4, randomization=1)
+  totals, updates = [], []
+
+  class Bar:  # Records what the progress bar is told.
+    def __init__(self, total, **_):
+      totals.append(total)
+    def __enter__(self):
+      return self
+    def __exit__(self, *_):
+      return False
+    def update(self, n):
+      updates.append(n)
+    def set_postfix_str(self, _):
+      pass
+  monkeypatch.setattr(evaluation.tqdm, "tqdm", Bar)
+  report = evaluation.evaluate(classifier, images, config, first_index=4, progress=False,
+                               records=tmp_path / "r.jsonl")
+  assert totals == [3] and sum(updates) == 3  # The bar counts images, not image x method.
+  _, records, _ = evaluation.read_records(tmp_path / "r.jsonl")
+  assert [("randomization_spearman" in records[("gradcam", i)]) for i in (4, 5, 6)] == [
+      True, False, False]
+  more = evaluation.evaluate(classifier, images, dataclasses.replace(config, randomization=3),
+                             first_index=4, progress=False, records=tmp_path / "r.jsonl")
+  _, records, _ = evaluation.read_records(tmp_path / "r.jsonl")
+  assert all("randomization_spearman" in records[("gradcam", i)] for i in (4, 5, 6))
+  assert more["methods"]["gradcam"]["average_drop"] == report["methods"]["gradcam"]["average_drop"]
+  randomized = metrics.randomized_classifier(
+      classifier, jax.random.fold_in(jax.random.key(0), 2 ** 32 - 1), images)
+  target = np.zeros(1, np.int32)
+  want = metrics.spearman(baselines.gradcam(classifier, images[:1], target),
+                          baselines.gradcam(randomized, images[:1], target))
+  np.testing.assert_allclose(report["methods"]["gradcam"]["randomization_spearman"], want[0],
+                             rtol=1e-5)
+
+
+def test_default_records_settings_keep_their_first_form(tmp_path):
+  config = evaluation.EvaluationConfig()
+  assert set(evaluation._record_settings("m", config, {"images": "x"})) == {
+      "model", "preset", "seed", "curve_steps", "pointing_tolerance", "images"}
+  fine = dataclasses.replace(config, fine_curve_pixels=100)
+  assert evaluation._record_settings("m", fine, None)["fine_curve_pixels"] == 100
+
+
+@pytest.mark.skipif(not HAS_SHAPES_WEIGHTS, reason="shapes_cnn weights are not shipped yet")
+def test_committed_records_reprint_their_table(tmp_path, capsys, monkeypatch):
+  results = pathlib.Path(__file__).parents[1] / "docs" / "results"
+  committed = json.loads((results / "shapes_fast.json").read_text())
+  records = tmp_path / "shapes_fast.records.jsonl"
+  records.write_text((results / "shapes_fast.records.jsonl").read_text())
+  calls = _counting(monkeypatch)
+  code, captured = _run_cli(
+      ["--model", "shapes_cnn", "--benchmark", "shapes", "--num-images", "32", "--methods",
+       ",".join(committed["methods"]), "--preset", committed["preset"], "--out",
+       str(tmp_path / "r.json"), "--records", str(records)],
+      capsys)
+  assert code == 0, captured.err
+  assert calls == []
+  assert evaluation.markdown_table(committed) in captured.out
+
+
+def test_paired_difference_pairs_only_images_where_both_have_the_metric(tmp_path):
+  script = pathlib.Path(__file__).parents[1] / "scripts" / "paired_difference.py"
+  spec = importlib.util.spec_from_file_location("paired_difference", script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  log = evaluation.RecordLog(tmp_path / "r.jsonl", {"model": "m"})
+  log.append([{"method": m, "index": i, "average_drop": 0.1 * i + (m == "a"),
+               "average_drop_raw": None if (m, i) == ("a", 0) else 0.5,
+               "randomization_spearman": 0.3 if i < 1 else None, "seconds": 1.0}
+              for m in ("a", "b") for i in range(3)])
+  indices, pairs = module.paired_scores(str(tmp_path / "r.jsonl"), "a", "b")
+  assert indices == [0, 1, 2]
+  np.testing.assert_allclose(pairs["average_drop"][:, 0] - pairs["average_drop"][:, 1], 1.0)
+  assert len(pairs["average_drop_raw"]) == 2 and len(pairs["randomization_spearman"]) == 1

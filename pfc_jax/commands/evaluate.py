@@ -19,10 +19,11 @@ def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "evaluate", help="Measure faithfulness of PFC and baselines; write a JSON report.",
       description=(
-          "Runs each method on each image (explaining the predicted class), computes Average Drop, "
-          "Increase in Confidence, deletion/insertion AUC and, on the shapes benchmark, pointing "
-          "game and relevance mass; writes the means to --out and prints them as a Markdown table. "
-          "PFC methods: pfc[-published|-coalition|-off][-random|-vgg16init][-tiny|-fast|-paper]."))
+          "Runs each method on each image (explaining the predicted class), computes the metrics "
+          "of --protocols (default: Average Drop, Increase in Confidence, deletion/insertion AUC) "
+          "and, on the shapes benchmark, pointing game and relevance mass; writes the means to "
+          "--out and prints them as a Markdown table. PFC methods: pfc[-MODIFIER...][-tiny|-fast|"
+          "-paper] with modifiers " + ", ".join(sorted(evaluation.PFC_MODIFIERS)) + "."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
@@ -47,6 +48,19 @@ def add_parser(subparsers) -> None:
       "--records",
       help="Per-image scores, appended as they are computed; rerunning the same command resumes "
            "from them. Default: --out with the suffix .records.jsonl.")
+  parser.add_argument(
+      "--protocols", default=",".join(evaluation.DEFAULT_PROTOCOLS),
+      help="Comma-separated protocols, of " + ", ".join(evaluation.PROTOCOLS) + " (default: "
+           "%(default)s). Protocols added on a rerun are computed from the --maps folder, or by "
+           "rerunning the methods without one.")
+  parser.add_argument(
+      "--randomization", type=int, default=0, metavar="N",
+      help="Model-randomisation sanity check on the first N images: each method reruns on the "
+           "model with its last layer re-drawn; reports the mean Spearman correlation of the maps "
+           "(default: %(default)s, off).")
+  parser.add_argument(
+      "--maps", help="Folder that keeps every method's maps, so that a rerun with more protocols "
+                     "does not rerun the methods (default: none).")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   parser.set_defaults(func=run)
 
@@ -107,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
   try:
     config = evaluation.EvaluationConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), preset=args.preset,
-        batch_size=args.batch_size, seed=args.seed)
+        batch_size=args.batch_size, seed=args.seed,
+        protocols=tuple(p.strip() for p in args.protocols.split(",") if p.strip()),
+        randomization=args.randomization)
     size = args.image_size or models.input_size(args.model)
     records = args.records or Path(args.out).with_suffix(".records.jsonl")
     images, labels, masks = _load(args, size)
@@ -118,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluation.evaluate(
         models.classifier(args.model, variables), images, config, labels=labels, masks=masks,
         model=args.model, vgg_params=vgg_params, first_index=args.offset,
-        records=records, settings=_data_settings(args, size), progress=not args.no_progress)
+        records=records, maps_dir=args.maps, settings=_data_settings(args, size),
+        progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:
     print(f"pfc-jax evaluate: error: {e}", file=sys.stderr)
     return 2
