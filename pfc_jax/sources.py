@@ -6,7 +6,12 @@ depend on how a job is split across chunks, devices or hosts; each host reads on
 indices. Images are resized and centre-cropped as `pfc_jax.data.load_image` does.
 
 tfds splits are read with `tfds.data_source` (ArrayRecord random access, no TensorFlow needed),
-or, for data prepared as TFRecord, with `tf.data` when TensorFlow is installed.
+or, for data prepared as TFRecord (most existing tfds ImageNet builds), with `tf.data` when
+TensorFlow is installed. Index i is the same record either way: tfds stores both formats in the
+order of its key hash. To read a TFRecord build without TensorFlow, convert it to ArrayRecord
+once, in place, on a machine with `pip install tensorflow-cpu apache-beam mlcroissant` (what
+tfds's converter and command line import):
+`tfds convert_format --dataset_version_dir=DATA_DIR/NAME/VERSION --out_file_format=array_record`.
 """
 
 from __future__ import annotations
@@ -149,8 +154,10 @@ class _TfDataRecords:
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # optional dependency
     except ImportError as e:
       raise ValueError(
-          f"tfds data set `{name}` is prepared as TFRecord, which needs TensorFlow to read; install "
-          "tensorflow or prepare it as ArrayRecord (`tfds build --file_format=array_record`).") from e
+          f"tfds data set `{name}` is prepared as TFRecord, which needs TensorFlow to read: install "
+          "tensorflow-cpu, or convert the build to ArrayRecord once, with tensorflow-cpu, "
+          "apache-beam and mlcroissant installed: `tfds convert_format --dataset_version_dir="
+          f"DATA_DIR/{name}/VERSION --out_file_format=array_record`.") from e
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._builder = tfds.builder(name, data_dir=data_dir)
     self._split = split

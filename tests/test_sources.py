@@ -1,4 +1,6 @@
-"""Image sources: stable order and ids, bad items named, tfds read offline through `data_source`."""
+"""Image sources: order, ids, bad items; tfds via `data_source`, or `tf.data` for TFRecord."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +82,94 @@ def test_from_args_needs_exactly_one_input():
     sources.from_args(None, None, None, None, 16)
   with pytest.raises(ValueError, match="split"):
     sources.from_args(None, "mnist", None, None, 16)
+
+
+def _tiny_photos_build(data_dir, pixels: list[np.ndarray], file_format: str):
+  """Prepares a tfds data set `pfc_tiny_photos` in `data_dir` as `file_format` shards.
+
+  Image i is `pixels[i]`, with file name `photo_{i}.JPEG`. The builder is not registered, so
+  readers find the data set from its files alone, as they find an ImageNet build prepared
+  elsewhere.
+  """
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class PfcTinyPhotos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "file_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, image in enumerate(pixels):
+        yield i, {"image": image, "file_name": f"photo_{i}.JPEG"}
+
+  PfcTinyPhotos(data_dir=str(data_dir), file_format=file_format).download_and_prepare()
+
+
+def test_tfrecord_build_is_read_through_tf_data(tmp_path):
+  pytest.importorskip("tensorflow")  # tfds needs it to write, and pfc-jax to read, TFRecord.
+  rng = np.random.default_rng(0)
+  pixels = [rng.integers(0, 256, (12 + i, 10, 3), dtype=np.uint8) for i in range(5)]
+  _tiny_photos_build(tmp_path / "tfrecord", pixels, "tfrecord")
+  assert list((tmp_path / "tfrecord" / "pfc_tiny_photos" / "1.0.0").glob("*.tfrecord-*"))
+  source = sources.TfdsSource("pfc_tiny_photos", "validation", data_dir=tmp_path / "tfrecord",
+                              size=8)
+  assert isinstance(source._records, sources._TfDataRecords)  # pylint: disable=protected-access
+  assert len(source) == 5 and source.describe()["count"] == 5
+  in_order = [source.read(i) for i in range(5)]  # One record per read.
+  ids = [item_id for item_id, _ in in_order]
+  assert sorted(ids) == [f"photo_{i}" for i in range(5)]
+  for item_id, image in in_order:
+    expected = data.preprocess(Image.fromarray(pixels[int(item_id.split("_")[1])]), 8)
+    np.testing.assert_allclose(image, expected)
+  for index in (3, 1, 4, 4, 0):  # Backwards, repeated and skipping: the pipeline restarts.
+    item_id, image = source.read(index)
+    assert item_id == ids[index]
+    np.testing.assert_array_equal(image, in_order[index][1])
+  # Index i is the same record as in an ArrayRecord build of the same data (tfds stores both
+  # in the order of its key hash), so a job can move between the two formats.
+  _tiny_photos_build(tmp_path / "array_record", pixels, "array_record")
+  random_access = sources.TfdsSource("pfc_tiny_photos", "validation",
+                                     data_dir=tmp_path / "array_record", size=8)
+  assert [random_access.read(i)[0] for i in range(5)] == ids
+
+
+def test_tfrecord_build_converted_with_tfds_convert_format_reads_without_tf_data(tmp_path):
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("apache_beam")  # tfds's convert_format module imports it.
+  from etils import epath  # pylint: disable=g-import-not-at-top  # a tensorflow_datasets dependency
+  from tensorflow_datasets.scripts.cli import convert_format_utils  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  _tiny_photos_build(tmp_path, [rng.integers(0, 256, (9, 11, 3), dtype=np.uint8) for _ in range(4)],
+                     "tfrecord")
+  tfrecord = sources.TfdsSource("pfc_tiny_photos", "validation", data_dir=tmp_path, size=8)
+  expected = [tfrecord.read(i) for i in range(4)]
+  # What `tfds convert_format --dataset_version_dir=DIR --out_file_format=array_record` runs.
+  convert_format_utils.convert_dataset(
+      out_dir=None, out_file_format="array_record", root_data_dir=None, dataset_dir=None,
+      dataset_version_dir=[epath.Path(tmp_path / "pfc_tiny_photos" / "1.0.0")], overwrite=False,
+      use_beam=False, num_workers=1)
+  converted = sources.TfdsSource("pfc_tiny_photos", "validation", data_dir=tmp_path, size=8)
+  assert not isinstance(converted._records, sources._TfDataRecords)  # pylint: disable=protected-access
+  for index, (item_id, image) in enumerate(expected):
+    read_id, read_image = converted.read(index)
+    assert read_id == item_id
+    np.testing.assert_array_equal(read_image, image)
+
+
+def test_tfrecord_build_without_tensorflow_names_both_ways_out(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def tfrecord_only(name, **kwargs):  # What tfds.data_source raises for a TFRecord build.
+    raise NotImplementedError(f"Random access data source for {name} in TFRecord is not supported.")
+
+  monkeypatch.setattr(tfds, "data_source", tfrecord_only)
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails.
+  with pytest.raises(ValueError, match="imagenet2012.*tensorflow-cpu.*tfds convert_format"):
+    sources.TfdsSource("imagenet2012", "validation", data_dir=tmp_path, size=8)
