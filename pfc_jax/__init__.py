@@ -5,11 +5,12 @@ The pipeline, one module per stage: `models` and `weights` (classifiers) -> `coa
 resumable jobs) -> `metrics` and `baselines` (faithfulness).
 """
 
-from pfc_jax import baselines, data, metrics, models, viz, weights
+from pfc_jax import baselines, data, metrics, models, regions, viz, weights
 from pfc_jax.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from pfc_jax.coalitions import CoalitionConfig, Coalitions, extract_coalitions
-from pfc_jax.explain import ExplainConfig, Explanation, explain
-from pfc_jax.perturbation import PerturbConfig, Perturbation, objective, perturb
+from pfc_jax.explain import ExplainConfig, Explanation, explain, explain_sweep
+from pfc_jax.perturbation import (Hyperparameters, PerturbConfig, Perturbation, objective, perturb,
+                                  perturb_sweep)
 
 __all__ = [
     "Classifier",
@@ -17,6 +18,7 @@ __all__ = [
     "Coalitions",
     "ExplainConfig",
     "Explanation",
+    "Hyperparameters",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PerturbConfig",
@@ -24,11 +26,14 @@ __all__ = [
     "baselines",
     "data",
     "explain",
+    "explain_sweep",
     "extract_coalitions",
     "metrics",
     "models",
     "objective",
     "perturb",
+    "perturb_sweep",
+    "regions",
     "viz",
     "weights",
 ]

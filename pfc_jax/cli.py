@@ -13,6 +13,8 @@ import functools
 import importlib
 import sys
 
+from pfc_jax import compilation_cache
+
 # Each command is one module in pfc_jax.commands exposing `add_parser(subparsers)`, which
 # registers the sub-command and sets `func(args) -> int` as its default.
 COMMANDS = ("convert_weights", "explain", "demo", "evaluate", "batch")
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   prog = f"pfc-jax {args.command}"
   try:
+    compilation_cache.enable()  # In $PFC_JAX_CACHE, when set.
     return args.func(args)
   except (ValueError, OSError, ImportError) as e:
     message = " ".join(str(e).split())  # One line, whatever the exception's text holds.

@@ -10,11 +10,15 @@ with r the FEN's scores `[H, W, l]`. An image stops once at most `min_coalitions
 its coalitions are the argmax labels of the forward pass of that last step (as in the authors'
 code), relabelled to 0..num-1.
 
-Batching: `"vmap"` trains all images in one vmapped step (one compiled loop on GPU/TPU);
-`"sequential"` trains one image after another with the single-image step, which avoids the
-grouped convolutions that per-image kernels become under `vmap` (~4.5x slower per image on
-XLA:CPU). `"auto"` picks sequential on CPU and vmap elsewhere. Every choice of batching and loop
-driver runs the same per-image step and gives the same labels up to float ties.
+Batching (`pfc_jax._loop`): `"sequential"` trains one image after another with the one-image
+step driven from Python (the CPU default); `"map"` runs one compiled program, a `lax.map` over
+the images of one image's compiled training loop (the GPU/TPU default); `"vmap"` trains all
+images in one vmapped step, where each image's own kernels become grouped convolutions (~4.5x
+slower per image on XLA:CPU; XLA:GPU's backward pass of grouped convolutions is slow too).
+Every choice of batching and loop driver runs the same per-image step and gives the same labels
+up to float ties; under `"sequential"` and `"map"` an image's labels do not depend on its batch.
+`precision="bfloat16"` runs the network in bfloat16 with float32 parameters, SGD state and
+loss (`pfc_jax._precision`).
 
 Example:
   >>> config = CoalitionConfig.fast()
@@ -34,6 +38,7 @@ import optax
 
 from pfc_jax import _inputs
 from pfc_jax import _loop
+from pfc_jax import _precision
 from pfc_jax.classifier import IMAGENET_MEAN, IMAGENET_STD
 from pfc_jax.models import coalition_net
 from pfc_jax.models.coalition_net import CONV_LAYERS, CoalitionNet
@@ -64,9 +69,12 @@ class CoalitionConfig:
     resolution: Run the FEN with this short side (only ever downsizing, antialiased bilinear) and
       upsample the labels to the input size with nearest neighbour. None: input size. Default None.
     width: Channel multiplier of the 3x3 convolutions, `init="random"` only. 1.0.
-    batching: `"vmap"`, `"sequential"` or `"auto"` (sequential on CPU, vmap elsewhere). "auto".
+    batching: Image layout of `pfc_jax._loop.run_images`: `"sequential"`, `"map"`, `"vmap"` or
+      `"auto"` (sequential on CPU, map elsewhere). "auto".
     driver: Step loop driver of `pfc_jax._loop.run_loop`: `"compiled"`, `"python"` or `"auto"`
-      (python on CPU, compiled elsewhere). "auto".
+      (python on CPU, compiled elsewhere); `"map"` is always compiled. "auto".
+    precision: `"float32"`, or `"bfloat16"`: the network computes in bfloat16, its parameters,
+      SGD state and loss stay float32 (`pfc_jax._precision`). "float32".
   """
 
   num_channels: int = 20
@@ -80,8 +88,9 @@ class CoalitionConfig:
   train_backbone: bool = True
   resolution: int | None = None
   width: float = 1.0
-  batching: Literal["auto", "vmap", "sequential"] = "auto"
+  batching: _loop.Batching = "auto"
   driver: _loop.Driver = "auto"
+  precision: _precision.Precision = "float32"
 
   def __post_init__(self):
     if self.num_channels < 2:
@@ -101,10 +110,8 @@ class CoalitionConfig:
     if self.resolution is not None and self.resolution < _MIN_SIZE:
       raise ValueError(
           f"`resolution` must be None or at least {_MIN_SIZE}, got {self.resolution}.")
-    if self.batching not in ("auto", "vmap", "sequential"):
-      raise ValueError(
-          f"`batching` must be 'auto', 'vmap' or 'sequential', got {self.batching!r}.")
-    _loop.check_driver(self.driver)
+    _loop.check_batching(self.batching, self.driver)
+    _precision.check_precision(self.precision)
 
   @classmethod
   def fast(cls, **overrides) -> CoalitionConfig:
@@ -183,10 +190,19 @@ def _optimizer(config: CoalitionConfig) -> optax.GradientTransformation:
   return optax.sgd(config.learning_rate, momentum=config.momentum)
 
 
+def _apply_network(params: Any, x: jax.Array, config: CoalitionConfig, method) -> jax.Array:
+  return _network(config).apply({"params": params}, x, method=method)
+
+
+def _apply(config: CoalitionConfig, params: Any, x: jax.Array, method) -> jax.Array:
+  """`method` of the FEN on `x`, computed in `config.precision`, output float32."""
+  return _precision.computed_in(_apply_network, config.precision)(params, x, config, method)
+
+
 def _scores(config: CoalitionConfig, params: Any, inputs: jax.Array) -> jax.Array:
   """FEN scores `[h, w, l] float32` from the state's inputs and trainable parameters."""
   method = CoalitionNet.__call__ if config.train_backbone else CoalitionNet.head
-  return _network(config).apply({"params": params}, inputs, method=method)[0]
+  return _apply(config, params, inputs, method)[0]
 
 
 def _prepare(config: CoalitionConfig, image: jax.Array, key: jax.Array,
@@ -206,7 +222,7 @@ def _prepare(config: CoalitionConfig, image: jax.Array, key: jax.Array,
   if config.train_backbone:
     inputs = x
   else:
-    inputs = _network(config).apply({"params": params}, x, method=CoalitionNet.backbone)
+    inputs = _apply(config, params, x, CoalitionNet.backbone)
     params = {name: params[name] for name in _HEAD_LAYERS}
   return _ImageState(
       inputs=inputs, params=params, opt_state=_optimizer(config).init(params),
@@ -238,47 +254,47 @@ def _image_step(config: CoalitionConfig, state: _ImageState) -> tuple[_ImageStat
   return kept._replace(inputs=state.inputs), ()  # The constant inputs pass through uncopied.
 
 
-def _image_done(config: CoalitionConfig, state: _ImageState) -> jax.Array:
+def _finish(config: CoalitionConfig, labels: jax.Array, size: tuple[int, int]):
+  """Labels `low [h, w] int32` at the input `size` (nearest neighbour), relabelled, and their
+  count. Integer arithmetic only: exact whatever the batch."""
+  rows = (jnp.arange(size[0]) * labels.shape[0]) // size[0]
+  cols = (jnp.arange(size[1]) * labels.shape[1]) // size[1]
+  return relabel(labels[rows[:, None], cols[None, :]], config.num_channels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _finish_one(config, labels, size):
+  return _finish(config, labels, size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _finish_batch(config, labels, size):
+  return jax.vmap(lambda image_labels: _finish(config, image_labels, size))(labels)
+
+
+def _stage_prepare(config, vgg_convs, inputs):
+  image, key = inputs
+  return _prepare(config, image, key, vgg_convs)
+
+
+def _stage_step(config, vgg_convs, state):
+  del vgg_convs  # Used by `_prepare` only.
+  return _image_step(config, state)
+
+
+def _stage_finish(config, vgg_convs, state):
+  del config, vgg_convs
+  return state.labels, state.steps
+
+
+def _stage_stop(config, state):
   del config
   return state.done
 
 
-def _batch_step(config: CoalitionConfig, states: _ImageState) -> tuple[_ImageState, tuple]:
-  return jax.vmap(functools.partial(_image_step, config))(states)
-
-
-def _batch_done(config: CoalitionConfig, states: _ImageState) -> jax.Array:
-  del config
-  return states.done.all()
-
-
-def _finish(config: CoalitionConfig, state: _ImageState, size: tuple[int, int]):
-  """Labels `[H, W] int32` at the input `size` (nearest neighbour), relabelled, and their count."""
-  low = state.labels
-  rows = (jnp.arange(size[0]) * low.shape[0]) // size[0]
-  cols = (jnp.arange(size[1]) * low.shape[1]) // size[1]
-  return relabel(low[rows[:, None], cols[None, :]], config.num_channels)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prepare_one(config, image, key, vgg_convs):
-  return _prepare(config, image, key, vgg_convs)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prepare_batch(config, images, keys, vgg_convs):
-  return jax.vmap(functools.partial(_prepare, config), in_axes=(0, 0, None))(
-      images, keys, vgg_convs)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _finish_one(config, state, size):
-  return _finish(config, state, size)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _finish_batch(config, states, size):
-  return jax.vmap(lambda state: _finish(config, state, size))(states)
+# One image's training for `pfc_jax._loop.run_images`: inputs `(image, key)`, shared the VGG16
+# convolutions (or None), outputs the FEN-resolution labels and the steps taken.
+_STAGE = _loop.Stage(_stage_prepare, _stage_step, _stage_finish, _stage_stop)
 
 
 def _vgg_convs(vgg_params: Any) -> dict:
@@ -313,7 +329,7 @@ class ImageTraining(NamedTuple):
     finish: `(state, (H, W)) -> (labels [H, W] int32, num [] int32)`, the relabelled coalitions.
 
   The state is a pytree whose `steps` field counts the steps taken. `extract_coalitions` runs
-  exactly these functions (on CPU) or their vmapped form.
+  exactly these functions with `batching="sequential"` and the Python driver (the CPU default).
   """
 
   init: Callable[[jax.Array, jax.Array], Any]
@@ -327,18 +343,20 @@ def image_training(config: CoalitionConfig = CoalitionConfig(),
   """The per-image training functions of `config` (see `ImageTraining`).
 
   Args:
-    config: Network and training settings (batching and driver are ignored).
+    config: Network, training and precision settings (batching and driver are ignored).
     vgg_params: VGG16 variables, required with `config.init == "vgg16"`.
 
   Raises:
     ValueError: for missing or malformed `vgg_params`.
   """
   static, vgg_convs = _static_config(config), _checked_vgg_convs(config, vgg_params)
+  functions = _loop.image_functions(_STAGE)
   return ImageTraining(
-      init=lambda image, key: _prepare_one(static, image, key, vgg_convs),
-      step=lambda state: _loop.jit_step(_image_step)(static, state)[0],  # The CPU loop's own.
+      init=lambda image, key: functions.prepare(static, vgg_convs, (image, key)),
+      step=lambda state: functions.step(static, vgg_convs, state)[0],
       done=lambda state: state.done,
-      finish=lambda state, size: _finish_one(static, state, tuple(size)))
+      finish=lambda state, size: _finish_one(
+          static, functions.finish(static, vgg_convs, state)[0], tuple(size)))
 
 
 def _static_config(config: CoalitionConfig) -> CoalitionConfig:
@@ -355,17 +373,13 @@ def _checked_vgg_convs(config: CoalitionConfig, vgg_params: Any) -> dict | None:
   return _vgg_convs(vgg_params)
 
 
-def _resolve_batching(batching: str) -> str:
-  if batching == "auto":
-    return "sequential" if jax.default_backend() == "cpu" else "vmap"
-  return batching
-
-
 def extract_coalitions(images, key, config: CoalitionConfig = CoalitionConfig(),
                        vgg_params: Any = None) -> Coalitions:
   """Feature coalitions of each image (METHOD.md section 1).
 
-  Image i's result depends only on image i, its key and `config`: not on the rest of the batch.
+  Image i's result depends only on image i, its key and `config`: not on the rest of the batch
+  (to float32 equality with batching "sequential" and "map", the defaults; up to float ties
+  with "vmap").
 
   Args:
     images: `[B, H, W, 3]` float RGB in [0, 1], H and W at least 8.
@@ -384,18 +398,9 @@ def extract_coalitions(images, key, config: CoalitionConfig = CoalitionConfig(),
   images = _inputs.check_images(images, "images", min_size=_MIN_SIZE)
   keys = _inputs.per_image_keys(key, images.shape[0])
   vgg_convs = _checked_vgg_convs(config, vgg_params)
-  size = images.shape[1:3]
   static = _static_config(config)
-  if _resolve_batching(config.batching) == "vmap":
-    states = _prepare_batch(static, images, keys, vgg_convs)
-    states, _ = _loop.run_loop(_batch_step, static, states, config.max_steps,
-                               driver=config.driver, stop=_batch_done)
-    labels, num = _finish_batch(static, states, size)
-    return Coalitions(labels, num, states.steps)
-  results = []
-  for image, image_key in zip(images, keys):
-    state = _prepare_one(static, image, image_key, vgg_convs)
-    state, _ = _loop.run_loop(_image_step, static, state, config.max_steps,
-                              driver=config.driver, stop=_image_done)
-    results.append((*_finish_one(static, state, size), state.steps))
-  return Coalitions(*(jnp.stack(column) for column in zip(*results)))
+  (labels, steps), _ = _loop.run_images(_STAGE, static, vgg_convs, (images, keys),
+                                        config.max_steps, batching=config.batching,
+                                        driver=config.driver)
+  labels, num = _finish_batch(static, labels, images.shape[1:3])
+  return Coalitions(labels, num, steps)

@@ -3,8 +3,15 @@
 `jax.pmap` is in maintenance mode in current JAX and is now implemented on top of
 `jax.shard_map`; this module uses `shard_map` directly. The batch axis of the images (and of
 their PRNG keys) is split over a 1-D mesh axis `"data"`; the classifier's parameters (and the
-VGG16 parameters of the coalition network) are replicated on every device. Each image is
-explained independently, so a sharded run gives the same result as a single-device one.
+VGG16 parameters of the coalition network) are replicated on every device.
+
+Each image is explained by the same one-image program whatever the device count (the image
+layouts "sequential" and "map" of `pfc_jax._loop`), so a sharded run gives the same result, to
+float32 equality, as a single-device one. With "map" (the GPU/TPU default) each device runs a
+`lax.map` over its images inside `shard_map`. With "sequential" (the CPU default: host-driven
+per-image loops, which cannot be traced into `shard_map`) each process explains its own rows on
+its default device: XLA:CPU's devices share the host's cores, so several of them on one host
+add no speed.
 
 Results never depend on how a data set is split: image `i` of a data set always gets the key
 `fold_in(PRNGKey(seed), i)` (`image_keys`), whatever the batch size, device count, process
@@ -30,6 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pfc_jax import _loop
 from pfc_jax.explain import ExplainConfig, Explanation, explain
 
 DATA_AXIS = "data"
@@ -182,13 +190,21 @@ def run_sharded(fn: Callable, mesh: Mesh, static: Hashable, replicated: Any, *ba
   return jax.tree.map(lambda x: np.asarray(x)[:batch_size], gather_to_host(outputs))
 
 
-def traceable_config(config):
-  """`config` with every stage on the compiled driver and vmapped coalition batching.
+def _traceable(stage_config) -> bool:
+  """Whether a stage runs as one traceable program (layout "map" or "vmap")."""
+  return _loop.resolve_batching(stage_config.batching) != "sequential"
 
-  Inside `shard_map` the whole pipeline is traced once, so the Python driver (a host loop over
-  jitted steps) is replaced by the compiled one; both give the same results.
+
+def traceable_config(config):
+  """`config` with every stage's loop on the compiled driver, for tracing into `shard_map`.
+
+  Raises:
+    ValueError: if a stage's layout resolves to "sequential" (host-driven, not traceable).
   """
-  coalitions = dataclasses.replace(config.coalitions, driver="compiled", batching="vmap")
+  if not all(_traceable(stage) for stage in (config.coalitions, config.perturb)):
+    raise ValueError("A stage with batching 'sequential' cannot run inside `shard_map`; use "
+                     "batching 'map' or 'vmap'.")
+  coalitions = dataclasses.replace(config.coalitions, driver="compiled")
   perturb = dataclasses.replace(config.perturb, driver="compiled")
   return dataclasses.replace(config, coalitions=coalitions, perturb=perturb)
 
@@ -201,8 +217,10 @@ def _explain_shard(config, replicated, images, keys):
 def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = None, vgg_params=None):
   """`explain` data-parallel over every device of `mesh`, same results as on one device.
 
-  With one device this is `explain` itself (the fastest driver for the backend); with several,
-  `shard_map` of the compiled pipeline with the parameters replicated.
+  With one device this is `explain` itself. With several and both stages in a traceable layout
+  ("map", the GPU/TPU default, or "vmap"), `shard_map` of the compiled pipeline with the
+  parameters replicated. With a "sequential" stage (the CPU default), each process runs
+  `explain` on its own rows and the results are gathered.
 
   Args:
     classifier: The `Classifier` to explain.
@@ -222,6 +240,12 @@ def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = N
   mesh = data_mesh() if mesh is None else mesh
   if mesh.size == 1:
     return jax.device_get(explain(classifier, images, keys, config, vgg_params))
+  if not all(_traceable(stage) for stage in (config.coalitions, config.perturb)):
+    local = explain(classifier, images, keys, config, vgg_params)
+    if jax.process_count() == 1:
+      return jax.device_get(local)
+    global_size = np.shape(images)[0] * jax.process_count()
+    return Explanation(*gather_to_host(global_batch(local, mesh, global_size)))
   replicated, static = (classifier, vgg_params), traceable_config(config)
   if jax.process_count() == 1:
     return Explanation(*run_sharded(_explain_shard, mesh, static, replicated, images, keys))

@@ -6,14 +6,32 @@ class on top. Where the classifier tolerates much noise, the pixels do not matte
 saliency = 1 - mean over channels of w.
 
 `objective` is the loss of one image and one set of noise samples; `perturb` optimises it for
-a batch of images, one independent problem per image, vmapped.
+a batch of images, one independent problem per image (`batching` chooses how the images are
+laid out); `perturb_sweep` does the same under K objective settings at once (one compilation,
+K x B problems).
+
+How w is parameterised (`PerturbConfig.parameterization`) decides how the coalitions reach the
+saliency map:
+
+- "pixel": a free value per pixel and channel, as published. Each pixel is judged alone, so the
+  map reproduces every pixel-level quirk of the classifier, such as the 4-pixel grid that
+  SqueezeNet's stride-2 layers leave (every 4th row and column about half as salient).
+- "region": region-tied noise. Each coalition is split into its connected regions
+  (`pfc_jax.regions`, computed under jit), and w holds one value per region and channel: the
+  saliency is constant on each region, following coalition borders (the paper's figure shows
+  such filled silhouettes). A region spans many stride cells, so the grid cannot appear.
+- "lowres": smooth noise. w lives on a grid `lowres_stride` times coarser than the image and is
+  upsampled bilinearly, as the smooth masks of Extremal Perturbations (Fong, Patrick and
+  Vedaldi, ICCV 2019); a period of 4 pixels is finer than the upsampled grid can represent
+  (stride 8 and above), so the stride grid is gone, and objects come out as smooth blobs. The
+  coalitions then enter only through the consistency term.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +41,16 @@ from jax import lax
 
 from pfc_jax import _inputs
 from pfc_jax import _loop
+from pfc_jax import _precision
+from pfc_jax import regions as regions_lib
 from pfc_jax.classifier import Classifier
 
 Consistency = Literal["published", "coalition", "off"]
 _CONSISTENCIES = ("published", "coalition", "off")
+Parameterization = Literal["pixel", "region", "lowres"]
+_PARAMETERIZATIONS = ("pixel", "region", "lowres")
+Confidence = Literal["hinge", "log_softmax"]
+_CONFIDENCES = ("hinge", "log_softmax")
 # Keeps the Gaussian-weighted coalition mean finite far from a coalition, where the
 # weighted mask is zero; inside a coalition the weight is at least G's centre (0.159 for sigma 1).
 _COALITION_EPS = 1e-6
@@ -62,6 +86,26 @@ class PerturbConfig:
       [0, max_coalitions). Default 20, the coalition network's channel count.
     driver: Loop driver, see `pfc_jax._loop.resolve_driver`: "auto" (Python step loop on
       CPU, one compiled loop elsewhere), "compiled" or "python". Same results. Default "auto".
+    parameterization: How w is parameterised (see the module docstring): "pixel" (one value
+      per pixel and channel, as published), "region" (one value per connected coalition region
+      and channel) or "lowres" (a coarse grid upsampled bilinearly). Default "pixel".
+    max_regions: "region" only: the largest `max_regions` connected regions of the coalitions
+      get their own value; the smaller regions of a coalition share one. Default 64.
+    lowres_stride: "lowres" only: w's grid is `ceil(H / lowres_stride) x ceil(W / lowres_stride)`.
+      Default 8.
+    confidence: The confidence term: "hinge" (the paper's mean of relu(f_j - f_t) on logits,
+      zero while the target stays on top) or "log_softmax" (-log softmax(f)_t, the target's
+      cross-entropy, which ranks the noise's harm before the class flips, as the preservation
+      game of Fong and Vedaldi, ICCV 2017). Default "hinge".
+    batching: Image layout, see `pfc_jax._loop`: "sequential" (one image after another, each
+      with the one-image step), "map" (one compiled `lax.map` over the images of one image's
+      compiled loop), "vmap" (the noise samples of all images in one dense batch per step) or
+      "auto" (sequential on CPU, map elsewhere). Under "sequential" and "map" an image's result
+      does not depend on its batch, to float32 equality; under "vmap" up to float rounding.
+      Default "auto".
+    precision: "float32", or "bfloat16": the classifier under the noise computes in bfloat16
+      while w, the Adam state, the objective and its gradient stay float32; the clean
+      prediction (target, probs) is always float32 (`pfc_jax._precision`). Default "float32".
   """
 
   mask_weight: float = 0.1
@@ -78,11 +122,22 @@ class PerturbConfig:
   max_w: float = 1.0
   max_coalitions: int = 20
   driver: _loop.Driver = "auto"
+  parameterization: Parameterization = "pixel"
+  max_regions: int = 64
+  lowres_stride: int = 8
+  confidence: Confidence = "hinge"
+  batching: _loop.Batching = "auto"
+  precision: _precision.Precision = "float32"
 
   def __post_init__(self):
     if self.consistency not in _CONSISTENCIES:
       raise ValueError(f"`consistency` must be one of {_CONSISTENCIES}, got {self.consistency!r}.")
-    for name in ("noise_samples", "steps", "max_coalitions"):
+    if self.confidence not in _CONFIDENCES:
+      raise ValueError(f"`confidence` must be one of {_CONFIDENCES}, got {self.confidence!r}.")
+    if self.parameterization not in _PARAMETERIZATIONS:
+      raise ValueError(f"`parameterization` must be one of {_PARAMETERIZATIONS}, got "
+                       f"{self.parameterization!r}.")
+    for name in ("noise_samples", "steps", "max_coalitions", "max_regions", "lowres_stride"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
     if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -96,11 +151,34 @@ class PerturbConfig:
       raise ValueError(
           f"`noise_chunk` must be None or a positive divisor of noise_samples="
           f"{self.noise_samples}, got {self.noise_chunk!r}.")
-    _loop.check_driver(self.driver)
+    _loop.check_batching(self.batching, self.driver)
+    _precision.check_precision(self.precision)
+
+
+class Hyperparameters(NamedTuple):
+  """The objective's numeric settings as arrays: traced values, so that changing them (or
+  sweeping over them with `perturb_sweep`) reuses one compilation. Each field is a `[] float32`
+  (or `[B]` inside `perturb`), named and documented as in `PerturbConfig`."""
+
+  mask_weight: jax.Array
+  confidence_weight: jax.Array
+  consistency_weight: jax.Array
+  smoothness_weight: jax.Array
+  sigma: jax.Array
+  max_w: jax.Array
+  learning_rate: jax.Array
+
+  @classmethod
+  def from_config(cls, config: PerturbConfig) -> Hyperparameters:
+    return cls(*(jnp.float32(getattr(config, name)) for name in cls._fields))
+
+
+SWEEPABLE = Hyperparameters._fields
+_TERMS = ("mask", "confidence", "consistency", "smoothness")
 
 
 class Perturbation(NamedTuple):
-  """Result of `perturb` for a batch of B images.
+  """Result of `perturb` for a batch of B images (`perturb_sweep`: `[K, B, ...]` arrays).
 
   Attributes:
     w: `[B, H, W, 3] float32` optimised noise scale in [0, max_w].
@@ -117,10 +195,10 @@ class Perturbation(NamedTuple):
   losses: jax.Array
 
 
-def _gaussian_factor(size: int, sigma: float) -> np.ndarray:
-  """`[size]` 1-D factor g of the paper's Gaussian: G = outer(g, g)."""
+def _gaussian_factor(size: int, sigma):
+  """`[size]` 1-D factor g of the paper's Gaussian, G = outer(g, g); `sigma` may be traced."""
   offsets = np.arange(size) - size // 2
-  return np.exp(-offsets**2 / (2 * sigma**2)) / (math.sqrt(2 * math.pi) * sigma)
+  return jnp.exp(-offsets**2 / (2 * sigma**2)) / (math.sqrt(2 * math.pi) * sigma)
 
 
 def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
@@ -129,51 +207,53 @@ def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
   Returns:
     `[size, size] float32`; for size 5 and sigma 1 it sums to 0.9818, not 1.
   """
-  factor = _gaussian_factor(size, sigma)
+  factor = np.asarray(_gaussian_factor(size, np.float64(sigma)))
   return np.outer(factor, factor).astype(np.float32)
 
 
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
 
 
-def _filter_channels(x: jax.Array, kernel: np.ndarray) -> jax.Array:
+def _filter_channels(x: jax.Array, kernel) -> jax.Array:
   """Convolves every channel of `x [H, W, K]` with `kernel [kh, kw]` (odd sides), zero padding.
 
   A sum of shifted copies rather than a grouped convolution: XLA fuses it into one elementwise
   pass, which on CPU is several times faster than a depthwise convolution with K groups.
-  The kernels used here are symmetric, so correlation and convolution agree.
+  The kernels used here are symmetric, so correlation and convolution agree. Zero taps of a
+  numpy kernel are skipped; a jax kernel may be traced.
   """
   pad_h, pad_w = kernel.shape[0] // 2, kernel.shape[1] // 2
   height, width = x.shape[:2]
   padded = jnp.pad(x, ((pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-  return sum(float(kernel[dy, dx]) * padded[dy:dy + height, dx:dx + width]
-             for dy in range(kernel.shape[0]) for dx in range(kernel.shape[1]) if kernel[dy, dx])
+  taps = [(dy, dx) for dy in range(kernel.shape[0]) for dx in range(kernel.shape[1])
+          if not (isinstance(kernel, np.ndarray) and kernel[dy, dx] == 0)]
+  return sum(kernel[dy, dx] * padded[dy:dy + height, dx:dx + width] for dy, dx in taps)
 
 
-def _gaussian_filter(x: jax.Array, config: PerturbConfig) -> jax.Array:
-  """`x [H, W, K]` convolved per channel with `gaussian_kernel`, zero padding, as two 1-D passes
-  (the Gaussian is separable; with zero padding the result is the same)."""
-  factor = _gaussian_factor(config.kernel_size, config.sigma)
+def _gaussian_filter(x: jax.Array, size: int, sigma) -> jax.Array:
+  """`x [H, W, K]` convolved per channel with `gaussian_kernel(size, sigma)`, zero padding, as
+  two 1-D passes (the Gaussian is separable; with zero padding the result is the same)."""
+  factor = _gaussian_factor(size, sigma)
   return _filter_channels(_filter_channels(x, factor[:, None]), factor[None, :])
 
 
-def _published_consistency(w, masks, config):
+def _published_consistency(w, masks, size, sigma):
   """-sum_i mean_hw |G * (sum_channels w C_i)|, transcribed from the authors' code.
 
   Since w >= 0 and G >= 0 the absolute value is inert, and since convolution is linear and the
   masks partition the image, sum_i G * (w C_i) = G * w: the value does not depend on the masks.
   """
   per_coalition = w.sum(-1, keepdims=True) * masks  # [H, W, K]
-  return -jnp.abs(_gaussian_filter(per_coalition, config)).mean(axis=(0, 1)).sum()
+  return -jnp.abs(_gaussian_filter(per_coalition, size, sigma)).mean(axis=(0, 1)).sum()
 
 
-def _coalition_consistency(w, masks, config):
+def _coalition_consistency(w, masks, size, sigma):
   """sum_i mean(C_i (w - m_i)^2), m_i = G * (w C_i) / (G * C_i + eps), per colour channel."""
   height, width, channels = w.shape
   num = masks.shape[-1]
   masked_w = w[..., :, None] * masks[..., None, :]  # [H, W, 3, K]
-  weighted_sum = _gaussian_filter(masked_w.reshape(height, width, channels * num), config)
-  weight = _gaussian_filter(masks, config)  # [H, W, K]
+  weighted_sum = _gaussian_filter(masked_w.reshape(height, width, channels * num), size, sigma)
+  weight = _gaussian_filter(masks, size, sigma)  # [H, W, K]
   local_mean = (weighted_sum.reshape(height, width, channels, num)
                 / (weight[..., None, :] + _COALITION_EPS))
   deviation = masks[..., None, :] * (w[..., None] - local_mean) ** 2
@@ -187,14 +267,16 @@ def _smoothness(w, masks):
 
 
 def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, target,
-              classifier: Classifier, config: PerturbConfig = PerturbConfig()
+              classifier: Classifier, config: PerturbConfig = PerturbConfig(),
+              hyperparameters: Hyperparameters | None = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PFC's perturbation loss for one image (METHOD.md section 2).
 
   Terms, unweighted:
     mask: -mean(w) (the paper's -||p||_1, as a mean).
-    confidence: mean over samples s and classes j of relu(f_j(x + eps_s w) - f_t(x + eps_s w)),
-      on logits (zero for j = t).
+    confidence: "hinge": mean over samples s and classes j of
+      relu(f_j(x + eps_s w) - f_t(x + eps_s w)), on logits (zero for j = t). "log_softmax":
+      mean over samples of -log softmax(f(x + eps_s w))_t.
     consistency: "published": -sum_i mean_hw |G * (sum_c w C_i)|, G the unnormalised
       `kernel_size` Gaussian with zero padding. Because w >= 0, G >= 0 and the coalitions
       C_i partition the image, it equals -mean(G * sum_c w): it does NOT depend on the
@@ -204,7 +286,8 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
       coalition and none across borders. "off": 0.
     smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
 
-  Pure and differentiable in `w`, `x`, `noise` and the classifier's params.
+  Pure and differentiable in `w`, `x`, `noise`, the classifier's params and the
+  hyperparameters.
 
   Args:
     w: `[H, W, 3] float32` noise scale.
@@ -214,110 +297,156 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
       belong to no coalition.
     target: int or `[] int32` class to keep on top.
     classifier: Its `__call__` maps normalised `[S, H, W, 3]` images to logits `[S, C]`.
-    config: Weights and the consistency variant.
+    config: The consistency variant, and which terms exist: a term whose weight in `config` is
+      0 is left out (so that XLA drops its computation).
+    hyperparameters: The weights and sigma as (possibly traced) arrays; default: `config`'s.
 
   Returns:
-    `(total, terms)`: `total [] float32` = sum over terms of weight * term (terms of weight 0
-    left out); `terms` maps "mask", "confidence", "consistency", "smoothness" to `[] float32`
+    `(total, terms)`: `total [] float32` = sum over the terms kept of weight * term;
+    `terms` maps "mask", "confidence", "consistency", "smoothness" to `[] float32`
     unweighted values.
   """
+  hyper = Hyperparameters.from_config(config) if hyperparameters is None else hyperparameters
   logits = classifier(x[None] + noise * w[None])  # [S, C]
-  target_logit = jnp.take(logits, target, axis=-1)[:, None]
+  if config.confidence == "hinge":
+    confidence = jax.nn.relu(logits - jnp.take(logits, target, axis=-1)[:, None]).mean()
+  else:
+    confidence = -jnp.take(jax.nn.log_softmax(logits, axis=-1), target, axis=-1).mean()
   masks = jax.nn.one_hot(labels, config.max_coalitions, dtype=w.dtype)  # [H, W, K]
   if config.consistency == "published":
-    consistency = _published_consistency(w, masks, config)
+    consistency = _published_consistency(w, masks, config.kernel_size, hyper.sigma)
   elif config.consistency == "coalition":
-    consistency = _coalition_consistency(w, masks, config)
+    consistency = _coalition_consistency(w, masks, config.kernel_size, hyper.sigma)
   else:
     consistency = jnp.zeros((), w.dtype)
   terms = {
       "mask": -w.mean(),
-      "confidence": jax.nn.relu(logits - target_logit).mean(),
+      "confidence": confidence,
       "consistency": consistency,
       "smoothness": _smoothness(w, masks),
   }
-  # Terms with weight 0 are left out of the sum, so that XLA drops their computation (and its
-  # gradient) from a step that only needs the total.
-  weights = {name: getattr(config, f"{name}_weight") for name in terms}
-  total = sum(weights[name] * value for name, value in terms.items() if weights[name])
+  total = sum(getattr(hyper, f"{name}_weight") * terms[name] for name in _TERMS
+              if getattr(config, f"{name}_weight"))
   return jnp.asarray(total, w.dtype), terms
 
 
-_value_and_grad = jax.value_and_grad(objective, has_aux=True)
+def parameter_shape(config: PerturbConfig, height: int, width: int) -> tuple[int, ...]:
+  """Shape of the optimised parameters theta of one `height x width` image.
+
+  "pixel": `[H, W, 3]`; "region": `[max_regions + max_coalitions, 3]`; "lowres":
+  `[ceil(H / lowres_stride), ceil(W / lowres_stride), 3]`.
+  """
+  if config.parameterization == "region":
+    return (config.max_regions + config.max_coalitions, 3)
+  if config.parameterization == "lowres":
+    return (-(-height // config.lowres_stride), -(-width // config.lowres_stride), 3)
+  return (height, width, 3)
 
 
-def _loss_and_grad(w, x, noise, labels, target, classifier, config):
-  """Objective and its gradient in w for one image; the S samples in chunks if configured.
+def noise_scale(config: PerturbConfig, theta: jax.Array, regions: jax.Array | None,
+                size: tuple[int, int]) -> jax.Array:
+  """w `[H, W, 3]` from the parameters theta of one image (see `parameter_shape`).
+
+  Args:
+    config: Selects the parameterization.
+    theta: One image's parameters, in [0, max_w].
+    regions: `[H, W] int32` region numbers of `pfc_jax.regions.region_ids` ("region"), else
+      unused.
+    size: `(H, W)`.
+
+  Returns:
+    `[H, W, 3]` noise scale, in [0, max_w] when theta is (bilinear upsampling is convex).
+  """
+  if config.parameterization == "region":
+    return theta[regions]
+  if config.parameterization == "lowres":
+    return jax.image.resize(theta, (*size, theta.shape[-1]), "linear")
+  return theta
+
+
+def _loss_and_grad(theta, regions, x, noise, labels, target, classifier, config, hyper):
+  """Objective and its gradient in theta for one image; the S samples in chunks if configured.
 
   The samples only enter through a mean, so the mean over equal chunks of the chunk
   objectives is the full objective, and likewise its gradient.
   """
+  classifier = _precision.classifier_in(classifier, config.precision)
+
+  def loss(theta, noise):
+    w = noise_scale(config, theta, regions, x.shape[:2])
+    return objective(w, x, noise, labels, target, classifier, config, hyper)[0]
+
+  value_and_grad = jax.value_and_grad(loss)
   chunk = config.noise_chunk or config.noise_samples
   if chunk == config.noise_samples:
-    (total, _), grad = _value_and_grad(w, x, noise, labels, target, classifier, config)
-    return total, grad
+    return value_and_grad(theta, noise)
   chunks = noise.reshape(config.noise_samples // chunk, chunk, *noise.shape[1:])
 
   def accumulate(sums, noise_chunk):
-    (total, _), grad = _value_and_grad(w, x, noise_chunk, labels, target, classifier, config)
+    total, grad = value_and_grad(theta, noise_chunk)
     return (sums[0] + total, sums[1] + grad), None
 
-  (total, grad), _ = lax.scan(accumulate, (jnp.zeros((), w.dtype), jnp.zeros_like(w)), chunks)
+  (total, grad), _ = lax.scan(
+      accumulate, (jnp.zeros((), theta.dtype), jnp.zeros_like(theta)), chunks)
   return total / chunks.shape[0], grad / chunks.shape[0]
 
 
 class _State(NamedTuple):
-  """Loop carry of `perturb`; every array has a leading `[B]` image axis except the step."""
+  """Loop carry of one image (leading `[B]` axes under batching "vmap")."""
 
-  classifier: Classifier
-  x: jax.Array  # [B, H, W, 3] normalised images
-  labels: jax.Array  # [B, H, W] int32
-  target: jax.Array  # [B] int32
-  keys: jax.Array  # [B] PRNG keys
-  w: jax.Array  # [B, H, W, 3]
+  x: jax.Array  # [H, W, 3] normalised image
+  labels: jax.Array  # [H, W] int32
+  regions: jax.Array | None  # [H, W] int32 region numbers ("region" only)
+  target: jax.Array  # [] int32
+  probs: jax.Array  # [] float32, the target's softmax probability on the clean image
+  key: jax.Array  # PRNG key
+  hyper: Hyperparameters  # [] each
+  theta: jax.Array  # parameter_shape
   opt_state: optax.OptState
   step: jax.Array  # [] int32
 
 
-def _optimizer(config: PerturbConfig) -> optax.GradientTransformation:
-  return optax.adam(config.learning_rate)
+def _optimizer(learning_rate) -> optax.GradientTransformation:
+  return optax.adam(learning_rate)
 
 
-def _step(config: PerturbConfig, state: _State) -> tuple[_State, jax.Array]:
-  """One Adam step for every image; returns the new state and the objectives `[B]`."""
-  optimizer = _optimizer(config)
-
-  def per_image(w, x, labels, target, key, opt_state):
-    noise = jax.random.normal(
-        jax.random.fold_in(key, state.step), (config.noise_samples, *x.shape), x.dtype)
-    total, grad = _loss_and_grad(w, x, noise, labels, target, state.classifier, config)
-    updates, opt_state = optimizer.update(grad, opt_state, w)
-    w = jnp.clip(optax.apply_updates(w, updates), 0.0, config.max_w)
-    return w, opt_state, total
-
-  w, opt_state, totals = jax.vmap(per_image)(
-      state.w, state.x, state.labels, state.target, state.keys, state.opt_state)
-  return state._replace(w=w, opt_state=opt_state, step=state.step + 1), totals
+def _initial_state(config: PerturbConfig, classifier: Classifier, inputs) -> _State:
+  """The state of one image before the first step; `inputs` are `(image [H, W, 3], labels
+  [H, W], key, hyper)`. The clean prediction is float32 whatever `config.precision`."""
+  image, labels, key, hyper = inputs
+  x = classifier.normalize(image)
+  probs = jax.nn.softmax(classifier(x[None])[0])
+  target = jnp.argmax(probs).astype(jnp.int32)
+  regions = None
+  if config.parameterization == "region":
+    regions = regions_lib.region_ids(labels, config.max_regions, config.max_coalitions)
+  theta = jnp.zeros(parameter_shape(config, *x.shape[:2]), x.dtype)
+  return _State(x, labels, regions, target, probs[target], key, hyper, theta,
+                _optimizer(0.0).init(theta), jnp.zeros((), jnp.int32))  # init ignores the rate
 
 
-@jax.jit
-def _clean_prediction(classifier: Classifier, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Target class `[B] int32` and its softmax probability `[B] float32` on clean images."""
-  probs = jax.nn.softmax(classifier(x), axis=-1)
-  target = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-  return target, jnp.take_along_axis(probs, target[:, None], axis=-1)[:, 0]
+def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:
+  """One Adam step of one image; returns the new state and the objective `[]`."""
+  noise = jax.random.normal(jax.random.fold_in(state.key, state.step),
+                            (config.noise_samples, *state.x.shape), state.x.dtype)
+  total, grad = _loss_and_grad(state.theta, state.regions, state.x, noise, state.labels,
+                               state.target, classifier, config, state.hyper)
+  updates, opt_state = _optimizer(state.hyper.learning_rate).update(
+      grad, state.opt_state, state.theta)
+  theta = jnp.clip(optax.apply_updates(state.theta, updates), 0.0, state.hyper.max_w)
+  return state._replace(theta=theta, opt_state=opt_state, step=state.step + 1), total
 
 
-@jax.jit(static_argnums=0)
-def _initial_state(config: PerturbConfig, classifier: Classifier, images: jax.Array,
-                   labels: jax.Array, keys: jax.Array) -> tuple[_State, jax.Array]:
-  """The state before the first step, and the target's clean probability `[B]`."""
-  x = classifier.normalize(images)
-  target, probs = _clean_prediction(classifier, x)
-  w = jnp.zeros_like(x)
-  state = _State(classifier, x, labels, target, keys, w, jax.vmap(_optimizer(config).init)(w),
-                 jnp.zeros((), jnp.int32))
-  return state, probs
+def _final_noise_scale(config: PerturbConfig, classifier: Classifier, state: _State):
+  """`(w [H, W, 3], saliency [H, W], target [], probs [])` of one image."""
+  del classifier
+  w = noise_scale(config, state.theta, state.regions, state.x.shape[:2])
+  return w, 1.0 - w.mean(axis=-1), state.target, state.probs
+
+
+# One image's perturbation for `pfc_jax._loop.run_images`: inputs `(image, labels, key,
+# hyper)`, shared the classifier.
+_STAGE = _loop.Stage(_initial_state, _step, _final_noise_scale)
 
 
 def _check_labels(labels, images_shape, max_coalitions: int) -> jax.Array:
@@ -339,13 +468,34 @@ def _check_labels(labels, images_shape, max_coalitions: int) -> jax.Array:
   return jnp.asarray(labels, jnp.int32)
 
 
+def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
+  """Optimises every image of the batch in `config.batching`'s layout; `hyper` holds `[B]`
+  arrays."""
+  static = dataclasses.replace(config, batching="auto", driver="auto")  # One compilation for all.
+  (w, saliency, target, probs), losses = _loop.run_images(
+      _STAGE, static, classifier, (images, labels, keys, hyper), config.steps,
+      batching=config.batching, driver=config.driver)
+  return Perturbation(w=w, saliency=saliency, target=target, probs=probs, losses=losses)
+
+
+def _check_common(classifier, images, labels, key, config):
+  if not isinstance(config, PerturbConfig):
+    raise ValueError(f"`config` must be a PerturbConfig, got {type(config).__name__}.")
+  if not isinstance(classifier, Classifier):
+    raise ValueError(f"`classifier` must be a pfc_jax.Classifier, got {type(classifier).__name__}.")
+  images = _inputs.check_images(images)
+  labels = _check_labels(labels, images.shape, config.max_coalitions)
+  return images, labels, _inputs.per_image_keys(key, images.shape[0])
+
+
 def perturb(classifier: Classifier, images, labels, key,
             config: PerturbConfig = PerturbConfig()) -> Perturbation:
-  """Optimises PFC's noise scale w for each image, independently (vmapped).
+  """Optimises PFC's noise scale w for each image, independently (see `batching`).
 
   Per step and image: S noise samples from the image's key folded with the step index (so the
   result depends neither on the loop driver nor on `noise_chunk`), the objective's gradient in
-  w, one Adam update, then w clipped to [0, max_w]. w starts at 0.
+  the parameters theta of w (`config.parameterization`), one Adam update, then theta clipped to
+  [0, max_w]. theta starts at 0.
 
   Args:
     classifier: The model explained; its `normalize` maps the images to its input space, where
@@ -365,13 +515,68 @@ def perturb(classifier: Classifier, images, labels, key,
     >>> result = perturb(classifier, images, coalitions.labels, jax.random.key(0))
     >>> result.saliency.shape  # [B, H, W]
   """
-  if not isinstance(config, PerturbConfig):
-    raise ValueError(f"`config` must be a PerturbConfig, got {type(config).__name__}.")
-  images = _inputs.check_images(images)
-  labels = _check_labels(labels, images.shape, config.max_coalitions)
-  keys = _inputs.per_image_keys(key, images.shape[0])
-  state, probs = _initial_state(config, classifier, images, labels, keys)
-  state, losses = _loop.run_loop(_step, config, state, config.steps, driver=config.driver)
-  return Perturbation(
-      w=state.w, saliency=1.0 - state.w.mean(axis=-1), target=state.target, probs=probs,
-      losses=losses.T)
+  images, labels, keys = _check_common(classifier, images, labels, key, config)
+  hyper = jax.tree.map(lambda v: jnp.full(images.shape[:1], v),
+                       Hyperparameters.from_config(config))
+  return _run(classifier, images, labels, keys, config, hyper)
+
+
+def sweep_settings(settings: Mapping[str, Sequence[float]]) -> int:
+  """Validates a sweep's `{field: K values}` and returns K.
+
+  Raises:
+    ValueError: for an empty sweep, a field outside `SWEEPABLE`, value lists of unequal length
+      or non-positive values where the field must be positive.
+  """
+  if not settings:
+    raise ValueError(f"`settings` must name at least one of {SWEEPABLE}.")
+  unknown = sorted(set(settings) - set(SWEEPABLE))
+  if unknown:
+    raise ValueError(f"`settings` fields {unknown} cannot be swept; choose from {SWEEPABLE}.")
+  lengths = {name: len(values) for name, values in settings.items()}
+  if len(set(lengths.values())) != 1 or 0 in lengths.values():
+    raise ValueError(f"`settings` must give the same number (>= 1) of values per field, got {lengths}.")
+  for name in ("sigma", "max_w", "learning_rate"):
+    if name in settings and not all(v > 0 for v in settings[name]):
+      raise ValueError(f"`settings[{name!r}]` must be positive, got {list(settings[name])}.")
+  return next(iter(lengths.values()))
+
+
+def perturb_sweep(classifier: Classifier, images, labels, key, config: PerturbConfig,
+                  settings: Mapping[str, Sequence[float]]) -> Perturbation:
+  """`perturb` under K objective settings at once: one compilation, K x B per-image problems.
+
+  Setting k is `config` with `field = settings[field][k]` for every swept field; the swept
+  values are traced arrays (`Hyperparameters`), not static config fields, so any K values of
+  any `SWEEPABLE` fields cost one compilation. Member k equals
+  `perturb(classifier, images, labels, key, replace(config, **setting k))`: image i keeps its
+  key in every member, and each problem runs the same per-image program (to float32 equality,
+  except under `batching="vmap"`, where the larger batch may change the last bits).
+
+  A loss term whose weight is 0 in `config` is still computed when its weight is swept.
+
+  Args:
+    classifier, images, labels, key: As for `perturb`.
+    config: The base settings (structure: parameterization, consistency variant, steps, S).
+    settings: `{field: [K values]}` for fields in `SWEEPABLE` (`mask_weight`,
+      `confidence_weight`, `consistency_weight`, `smoothness_weight`, `sigma`, `max_w`,
+      `learning_rate`).
+
+  Returns:
+    A `Perturbation` whose arrays have leading `[K, B]` axes.
+
+  Raises:
+    ValueError: for malformed inputs or settings.
+  """
+  images, labels, keys = _check_common(classifier, images, labels, key, config)
+  num = sweep_settings(settings)
+  batch = images.shape[0]
+  base = Hyperparameters.from_config(config)
+  hyper = Hyperparameters(*(
+      jnp.repeat(jnp.asarray(settings[name], jnp.float32), batch) if name in settings
+      else jnp.full(num * batch, value) for name, value in zip(SWEEPABLE, base)))
+  static = dataclasses.replace(
+      config, **{name: 1.0 for name in settings if name.endswith("_weight")})
+  tile = lambda a: jnp.concatenate([a] * num)
+  result = _run(classifier, tile(images), tile(labels), tile(keys), static, hyper)
+  return jax.tree.map(lambda a: a.reshape(num, batch, *a.shape[1:]), result)

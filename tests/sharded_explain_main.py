@@ -1,7 +1,10 @@
-"""Runs `parallel.sharded_explain` on the fixture of `test_parallel.py` and saves the result.
+"""Runs `parallel.sharded_explain` on a test's fixture and saves the result.
 
 Run as a script in a fresh process, so that XLA_FLAGS (set before JAX starts) can give it
-several fake CPU devices: `python tests/sharded_explain_main.py OUT.npz`.
+several fake CPU devices:
+
+  python tests/sharded_explain_main.py OUT.npz parallel      # test_parallel.py's fixture
+  python tests/sharded_explain_main.py OUT.npz determinism   # test_determinism.py's, two layouts
 """
 
 import sys
@@ -12,15 +15,26 @@ import numpy as np
 from pfc_jax import parallel
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import test_determinism  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import test_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def main(out_path: str) -> None:
-  classifier, images, indices, config = test_parallel.fixture()
-  explanation = parallel.sharded_explain(
-      classifier, images, parallel.image_keys(test_parallel.SEED, indices), config)
-  np.savez(out_path, device_count=jax.device_count(), **explanation._asdict())
+def main(out_path: str, fixture: str) -> None:
+  if fixture == "parallel":
+    classifier, images, indices, config = test_parallel.fixture()
+    explanation = parallel.sharded_explain(
+        classifier, images, parallel.image_keys(test_parallel.SEED, indices), config)
+    arrays = explanation._asdict()
+  else:
+    classifier, images, indices = test_determinism.fixture()
+    keys = parallel.image_keys(test_determinism.SEED, indices)
+    arrays = {}
+    for batching in ("auto", "map"):
+      config = test_determinism.with_layout(test_determinism.CONFIG, batching)
+      explanation = parallel.sharded_explain(classifier, images, keys, config)
+      arrays.update({f"{batching}/{name}": value for name, value in explanation._asdict().items()})
+  np.savez(out_path, device_count=jax.device_count(), **arrays)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:])

@@ -88,9 +88,10 @@ def test_labels_are_contiguous_and_respect_k_and_l():
 
 def test_early_stop_is_per_image():
   images = jnp.asarray(_batch())
-  states = coalitions._prepare_batch(FROZEN, images, jax.random.split(jax.random.key(0), 2), None)
+  states = jax.vmap(lambda image, key: coalitions._prepare(FROZEN, image, key, None))(
+      images, jax.random.split(jax.random.key(0), 2))
   states = states._replace(done=jnp.array([True, False]))
-  stepped, _ = _loop.run_loop(coalitions._batch_step, FROZEN, states, 1, driver="python")
+  stepped, _ = jax.jit(jax.vmap(lambda state: coalitions._image_step(FROZEN, state)))(states)
   np.testing.assert_array_equal(stepped.steps, [0, 1])
   kernels = stepped.params["conv6"]["kernel"], states.params["conv6"]["kernel"]
   np.testing.assert_array_equal(kernels[0][0], kernels[1][0])  # The done image stays put,
@@ -164,7 +165,7 @@ def test_repeated_calls_do_not_retrace():
 def test_vgg16_init_copies_the_convolutions():
   config = CoalitionConfig.tiny(init="vgg16", width=1.0, train_backbone=False)
   image = jnp.asarray(_quadrants(8)[0])
-  features = lambda key, vgg: coalitions._prepare_one(
+  features = lambda key, vgg: jax.jit(coalitions._prepare, static_argnums=0)(
       config, image, key, coalitions._vgg_convs(vgg)).inputs
   vgg = _vgg_params(0)
   # Frozen backbone features depend on VGG16's kernels only, not on the per-image key.
@@ -207,6 +208,8 @@ def test_bad_key_and_vgg_params_raise():
     ({"init": "vgg16", "width": 0.5}, "width"),
     ({"resolution": 4}, "resolution"),
     ({"batching": "pmap"}, "batching"),
+    ({"batching": "map", "driver": "python"}, "driver"),
+    ({"precision": "float16"}, "precision"),
     ({"driver": "scan"}, "driver"),
 ])
 def test_bad_config_raises(overrides, field):

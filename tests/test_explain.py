@@ -9,7 +9,7 @@ import pytest
 
 from pfc_jax import Classifier
 from pfc_jax.coalitions import CoalitionConfig
-from pfc_jax.explain import ExplainConfig, explain
+from pfc_jax.explain import ExplainConfig, explain, explain_sweep
 from pfc_jax.perturbation import PerturbConfig
 
 SIZE = 32
@@ -44,6 +44,19 @@ def test_paper_preset_is_the_authors_demo():
   assert tiny.perturb.steps < fast.perturb.steps
   with pytest.raises(ValueError, match="preset"):
     ExplainConfig.preset("best")
+
+
+def test_presets_other_than_paper_and_fast_published_use_the_chosen_objective():
+  published = ExplainConfig.preset("fast_published")
+  fast, full = ExplainConfig.preset("fast"), ExplainConfig.preset("full")
+  assert published.perturb.parameterization == "pixel" and published.perturb.max_w == 1.0
+  for chosen in (fast, full):
+    assert chosen.perturb.parameterization == "region" and chosen.perturb.max_w == 5.0
+    # Adam moves about one learning rate per step: w can reach max_w with steps to spare.
+    assert chosen.perturb.learning_rate * chosen.perturb.steps >= 2 * chosen.perturb.max_w
+  assert dataclasses.replace(fast.perturb, parameterization="pixel", max_w=1.0,
+                             learning_rate=3e-2) == published.perturb
+  assert full.coalitions == ExplainConfig.preset("paper").coalitions
 
 
 def test_config_rejects_too_few_coalition_slots():
@@ -82,3 +95,17 @@ def test_explain_rejects_bad_arguments():
   with pytest.raises(ValueError, match="key"):
     explain(_classifier(), _images(), jax.random.split(jax.random.key(0), 3),
             ExplainConfig.preset("tiny"))
+
+
+def test_explain_sweep_members_equal_explain():
+  classifier, images = _classifier(), _images()
+  config = ExplainConfig.preset("tiny")
+  settings = {"max_w": [1.0, 3.0], "mask_weight": [0.1, 1.0]}
+  swept = explain_sweep(classifier, images, jax.random.key(0), config, settings)
+  assert swept.saliency.shape == (2, 2, SIZE, SIZE) and swept.labels.shape == (2, SIZE, SIZE)
+  for k in range(2):
+    single = explain(classifier, images, jax.random.key(0), dataclasses.replace(
+        config, perturb=dataclasses.replace(
+            config.perturb, max_w=settings["max_w"][k], mask_weight=settings["mask_weight"][k])))
+    np.testing.assert_array_equal(single.labels, swept.labels)
+    np.testing.assert_allclose(single.saliency, swept.saliency[k], rtol=1e-5, atol=1e-5)

@@ -54,3 +54,47 @@ def test_resolve_driver():
   assert _loop.resolve_driver("auto") == ("python" if jax.default_backend() == "cpu" else "compiled")
   with pytest.raises(ValueError, match="driver"):
     _loop.resolve_driver("scan")
+
+
+def _halving_prepare(rate, shared, start):
+  return start * shared
+
+
+def _halving_step(rate, shared, carry):
+  del shared
+  return _decay_step(rate, carry)
+
+
+def _halving_finish(rate, shared, carry):
+  return carry + shared
+
+
+def _below_one(rate, carry):
+  del rate
+  return carry < 1.0
+
+
+HALVING = _loop.Stage(_halving_prepare, _halving_step, _halving_finish, _below_one)
+
+
+@pytest.mark.parametrize("batching, driver", [
+    ("sequential", "python"), ("sequential", "compiled"), ("map", "compiled"), ("vmap", "python"),
+    ("vmap", "compiled")])
+def test_run_images_layouts_agree_and_stop_per_image(batching, driver):
+  starts = jnp.array([1.5, 20.0, 0.25])
+  outputs, outs = _loop.run_images(HALVING, 0.5, jnp.float32(2.0), starts, 12,
+                                   batching=batching, driver=driver)
+  # Prepared 3, 40, 0.5; halved until below 1 (2, 6 and 0 halvings); finished + 2.
+  np.testing.assert_allclose(outputs, [0.75 + 2, 0.625 + 2, 0.5 + 2])
+  assert outs.shape == (3, 12)
+  np.testing.assert_allclose(outs[1, :6], 40.0 * 0.5 ** np.arange(1, 7))
+  assert not np.any(outs[:, 6:]) and not np.any(outs[2])
+
+
+def test_batching_is_checked():
+  assert _loop.resolve_batching("auto") == (
+      "sequential" if jax.default_backend() == "cpu" else "map")
+  with pytest.raises(ValueError, match="batching"):
+    _loop.check_batching("pmap", "auto")
+  with pytest.raises(ValueError, match="driver='python'"):
+    _loop.check_batching("map", "python")

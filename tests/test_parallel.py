@@ -65,7 +65,8 @@ def test_eight_device_results_equal_single_device(tmp_path):
   out_path = tmp_path / "sharded.npz"
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_FAKE_DEVICES}",
          "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, str(Path(__file__).parent / "sharded_explain_main.py"), str(out_path)],
+  subprocess.run([sys.executable, str(Path(__file__).parent / "sharded_explain_main.py"), str(out_path),
+                  "parallel"],
                  env=env, check=True, timeout=300)
   sharded = np.load(out_path)
   assert int(sharded["device_count"]) == _FAKE_DEVICES

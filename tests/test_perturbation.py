@@ -238,3 +238,81 @@ def test_rejects_bad_arguments():
     PerturbConfig(noise_samples=16, noise_chunk=5)
   with pytest.raises(ValueError, match="consistency"):
     PerturbConfig(consistency="paper")
+
+
+def test_region_noise_is_constant_on_each_connected_region():
+  images, _ = _batch(seed=2)
+  stripes = np.broadcast_to(np.arange(SIZE) // 4 % 2, (SIZE, SIZE)).astype(np.int32)
+  labels = jnp.asarray(np.stack([stripes, stripes.T]))  # 4 regions of 2 coalitions each
+  config = dataclasses.replace(CONFIG, parameterization="region", max_regions=8)
+  result = perturb(_tiny_classifier(), images, labels, jax.random.key(3), config)
+  for image in range(2):
+    saliency = np.asarray(result.saliency[image])
+    label_map = np.asarray(labels[image])
+    for band in range(4):
+      region = (np.arange(SIZE) // 4 == band)
+      values = saliency[:, region] if image == 0 else saliency[region, :]
+      assert np.ptp(values) < 1e-6
+    # Two regions of one coalition are not tied together.
+    first = saliency[:, :4] if image == 0 else saliency[:4]
+    third = saliency[:, 8:12] if image == 0 else saliency[8:12]
+    assert label_map.ravel()[0] == label_map[8 if image else 0, 0 if image else 8]
+    assert abs(first.mean() - third.mean()) > 1e-4
+  assert float(result.w.max()) > 0
+
+
+def test_lowres_noise_is_the_bilinear_upsampling_of_a_coarse_grid():
+  from pfc_jax.perturbation import noise_scale, parameter_shape
+  config = dataclasses.replace(CONFIG, parameterization="lowres", lowres_stride=4)
+  assert parameter_shape(config, SIZE, SIZE + 1) == (SIZE // 4, -(-(SIZE + 1) // 4), 3)
+  coarse = np.random.default_rng(0).uniform(size=(4, 4, 3)).astype(np.float32)
+  w = np.asarray(noise_scale(config, jnp.asarray(coarse), None, (SIZE, SIZE)))
+  # Half-pixel-centred bilinear upsampling by 4, edges clamped, in numpy.
+  source = np.clip((np.arange(SIZE) + 0.5) / 4 - 0.5, 0, 3)
+  low = np.minimum(np.floor(source).astype(int), 2)
+  frac = source - low
+  rows = coarse[low] * (1 - frac)[:, None, None] + coarse[low + 1] * frac[:, None, None]
+  expected = rows[:, low] * (1 - frac)[None, :, None] + rows[:, low + 1] * frac[None, :, None]
+  np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+  images, labels = _batch(seed=3)
+  result = perturb(_tiny_classifier(), images, labels, jax.random.key(4), config)
+  rows = np.abs(np.diff(np.asarray(result.w), axis=1)).max()
+  assert 0 < rows <= 5.0 / 4 + 1e-5  # Neighbours differ by at most a quarter of max_w.
+
+
+def test_sweep_members_equal_single_runs_with_one_compilation():
+  from pfc_jax.perturbation import perturb_sweep
+  traces = []
+
+  def counting_cnn(params, x):
+    traces.append(1)
+    return _tiny_cnn(params, x)
+
+  classifier = Classifier(counting_cnn, _tiny_classifier().params)
+  images, labels = _batch(seed=6)
+  base = dataclasses.replace(CONFIG, smoothness_weight=0.0)
+  settings = {"mask_weight": [0.1, 1.0, 0.3], "smoothness_weight": [0.0, 0.5, 2.0],
+              "sigma": [1.0, 2.0, 0.5], "learning_rate": [0.5, 0.1, 0.2], "max_w": [5.0, 1.0, 2.0],
+              "confidence_weight": [100.0, 10.0, 1.0], "consistency_weight": [1.0, 0.0, 3.0]}
+  swept = perturb_sweep(classifier, images, labels, jax.random.key(2), base, settings)
+  assert swept.w.shape == (3, 2, SIZE, SIZE, 3) and swept.losses.shape == (3, 2, 3)
+  compiled_once = len(traces)
+  other = {k: v[::-1] for k, v in settings.items()}
+  perturb_sweep(classifier, images, labels, jax.random.key(2), base, other)
+  assert len(traces) == compiled_once
+  for k in range(3):
+    single = perturb(classifier, images, labels, jax.random.key(2),
+                     dataclasses.replace(base, **{f: v[k] for f, v in settings.items()}))
+    np.testing.assert_allclose(swept.w[k], single.w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(swept.losses[k], single.losses, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(swept.w[0], swept.w[1])
+
+
+def test_sweep_rejects_bad_settings():
+  from pfc_jax.perturbation import perturb_sweep
+  images, labels = _batch()
+  for settings, match in (({}, "at least one"), ({"steps": [1, 2]}, "cannot be swept"),
+                          ({"sigma": [1.0], "max_w": [1.0, 2.0]}, "same number"),
+                          ({"learning_rate": [0.1, -1.0]}, "positive")):
+    with pytest.raises(ValueError, match=match):
+      perturb_sweep(_tiny_classifier(), images, labels, jax.random.key(0), CONFIG, settings)

@@ -1,0 +1,172 @@
+"""Sensitivity of PFC's maps to its settings: metrics per setting, from one compiled sweep.
+
+  python scripts/sweep.py --model shapes_cnn --benchmark-seed 0 --num-images 16 --preset fast \
+      --perturb parameterization=region --sweep mask_weight=0.03,0.1,0.3 \
+      --records docs/results/sweep_shapes_mask.jsonl
+
+Every combination of the `--sweep` values (fields of `pfc_jax.perturbation.SWEEPABLE`) is
+explained by one `pfc_jax.explain_sweep` call per batch: one compilation, K x B problems in one
+vmapped batch. `--num-channels 5,10,20` adds an outer loop over the coalition network's output
+channels l (the paper's open question 1; a structural setting, so one compilation per value).
+Photos: `--images DIR --labels CSV [--offset N --limit M]` instead of the shapes benchmark.
+
+Per-image scores go to `--records` (JSON lines, one per setting and image) as each batch
+finishes; a rerun skips what is there, and the table of means is printed from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pfc_jax import data, metrics, models, weights
+from pfc_jax.benchmarks import shapes
+from pfc_jax.explain import ExplainConfig, explain_sweep
+
+SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+          "pointing_game", "relevance_mass")
+
+
+def _value(text: str):
+  return json.loads(text) if text[:1].isdigit() or text[:1] in "-." else text
+
+
+def _parse_assignments(items: list[str]) -> dict[tuple[str, ...], list[tuple]]:
+  """`FIELD=V1,V2` -> {(FIELD,): [(V1,), (V2,)]}; `F+G=a:b,c:d` varies F and G jointly."""
+  parsed = {}
+  for item in items:
+    names, _, values = item.partition("=")
+    fields = tuple(names.split("+"))
+    tuples = [tuple(_value(v) for v in group.split(":")) for group in values.split(",")]
+    if not values or any(len(t) != len(fields) for t in tuples):
+      raise SystemExit(f"Expected FIELD=V1,V2,... or F+G=A1:B1,A2:B2,... , got {item!r}.")
+    parsed[fields] = tuples
+  return parsed
+
+
+def _load(args):
+  size = args.image_size or models.input_size(args.model)
+  if args.images:
+    from pfc_jax.commands.evaluate import read_labels
+    rows = read_labels(args.labels)[args.offset:args.offset + args.limit]
+    images = np.stack([data.load_image(Path(args.images) / f, size) for f, _ in rows])
+    return images, None, args.offset
+  bench = shapes.generate(args.offset + args.limit, size=size, seed=args.benchmark_seed)
+  return bench.images[args.offset:], bench.masks[args.offset:], args.offset
+
+
+def _scores(classifier, images, saliency, target, masks):
+  out = {
+      "average_drop": metrics.average_drop(classifier, images, saliency, target),
+      "increase_in_confidence": metrics.increase_in_confidence(classifier, images, saliency, target),
+      "deletion_auc": metrics.deletion_auc(classifier, images, saliency, target),
+      "insertion_auc": metrics.insertion_auc(classifier, images, saliency, target),
+  }
+  if masks is not None:
+    out["pointing_game"] = metrics.pointing_game(saliency, masks)
+    out["relevance_mass"] = metrics.relevance_mass(saliency, masks)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--model", required=True, choices=models.MODEL_NAMES)
+  parser.add_argument("--weights", help="Weights file (default: the model's default source).")
+  parser.add_argument("--images", help="Photo folder (with --labels); default: shapes benchmark.")
+  parser.add_argument("--labels", help="Labels CSV of --images.")
+  parser.add_argument("--benchmark-seed", type=int, default=0, help="Shapes seed; 0 = tuning.")
+  parser.add_argument("--offset", type=int, default=0, help="First image (row) index.")
+  parser.add_argument("--limit", "--num-images", type=int, default=16, help="Number of images.")
+  parser.add_argument("--image-size", type=int, help="Square input side; default: the model's.")
+  parser.add_argument("--preset", default="fast", help="ExplainConfig preset.")
+  parser.add_argument("--perturb", nargs="*", default=[],
+                      help="FIELD=VALUE edits of the preset's PerturbConfig, e.g. parameterization=region.")
+  parser.add_argument("--sweep", nargs="+", required=True,
+                      help="FIELD=V1,V2,... ; several are combined as a grid; F+G=A1:B1,A2:B2 "
+                           "varies F and G together.")
+  parser.add_argument("--num-channels", help="Comma-separated values of l (CoalitionConfig.num_channels).")
+  parser.add_argument("--batch-size", type=int, default=4)
+  parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(key(seed), i).")
+  parser.add_argument("--records", required=True, help="JSON-lines file of per-image scores.")
+  args = parser.parse_args()
+
+  base = ExplainConfig.preset(args.preset)
+  edits = {k[0]: v[0][0] for k, v in _parse_assignments(args.perturb).items()}
+  swept = _parse_assignments(args.sweep)
+  fields = [name for group in swept for name in group]
+  combos = [sum(parts, ()) for parts in itertools.product(*swept.values())]
+  settings = {name: [float(c[i]) for c in combos] for i, name in enumerate(fields)}
+  channel_values = [int(v) for v in args.num_channels.split(",")] if args.num_channels else [None]
+  most = max([base.coalitions.num_channels] + [v for v in channel_values if v])
+  base = dataclasses.replace(base, perturb=dataclasses.replace(
+      base.perturb, **edits, max_coalitions=max(most, base.perturb.max_coalitions)))
+
+  records_path = Path(args.records)
+  header = {"model": args.model, "weights": args.weights, "images": args.images,
+            "benchmark_seed": None if args.images else args.benchmark_seed, "seed": args.seed,
+            "preset": args.preset, "perturb": edits}
+  done = {}
+  if records_path.exists():
+    lines = records_path.read_text().splitlines()
+    if json.loads(lines[0]) != {"settings": header}:
+      raise SystemExit(f"{records_path} was written with other settings: {lines[0]}")
+    for line in lines[1:]:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a torn last line
+      done[(record["setting"], record["index"])] = record
+  else:
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+    records_path.write_text(json.dumps({"settings": header}) + "\n")
+
+  images, masks, first = _load(args)
+  classifier = models.classifier(args.model, weights.load(args.model, source=args.weights))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(
+      np.arange(len(images)) + first)
+  names = []
+  for channels in channel_values:
+    config = base if channels is None else dataclasses.replace(
+        base, coalitions=dataclasses.replace(base.coalitions, num_channels=channels))
+    labels = [",".join(f"{n}={c[i]}" for i, n in enumerate(fields)) for c in combos]
+    if channels is not None:
+      labels = [f"num_channels={channels}," + label for label in labels]
+    names += labels
+    for start in range(0, len(images), args.batch_size):
+      batch = slice(start, min(start + args.batch_size, len(images)))
+      indices = [first + i for i in range(batch.start, batch.stop)]
+      if all((label, i) in done for label in labels for i in indices):
+        continue
+      result = explain_sweep(classifier, images[batch], keys[batch], config, settings)
+      new = []
+      for k, label in enumerate(labels):
+        scores = _scores(classifier, images[batch], result.saliency[k], result.target,
+                         None if masks is None else masks[batch])
+        new += [{"setting": label, "index": index, **{m: float(v[j]) for m, v in scores.items()}}
+                for j, index in enumerate(indices)]
+      with open(records_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in new)
+        f.flush()
+        os.fsync(f.fileno())
+      done.update({(r["setting"], r["index"]): r for r in new})
+      print(f"{len(done)} scores in {records_path}", flush=True)
+
+  present = [m for m in SCORES if any(m in r for r in done.values())]
+  print("| setting | " + " | ".join(present) + " |\n|---|" + "---:|" * len(present))
+  for label in names:
+    rows = [r for (s, _), r in done.items() if s == label]
+    values = [100 * np.mean([r[m] for r in rows]) if m in ("average_drop", "increase_in_confidence",
+                                                          "pointing_game") else np.mean([r[m] for r in rows])
+              for m in present]
+    print(f"| {label} ({len(rows)} images) | " + " | ".join(f"{v:.3g}" for v in values) + " |")
+
+
+if __name__ == "__main__":
+  main()
