@@ -51,7 +51,7 @@ def test_presets_other_than_paper_and_fast_published_use_the_chosen_objective():
   fast, full = ExplainConfig.preset("fast"), ExplainConfig.preset("full")
   assert published.perturb.parameterization == "pixel" and published.perturb.max_w == 1.0
   for chosen in (fast, full):
-    assert chosen.perturb.parameterization == "region" and chosen.perturb.max_w == 5.0
+    assert chosen.perturb.parameterization == "lowres" and chosen.perturb.max_w == 5.0
     # Adam moves about one learning rate per step: w can reach max_w with steps to spare.
     assert chosen.perturb.learning_rate * chosen.perturb.steps >= 2 * chosen.perturb.max_w
   assert dataclasses.replace(fast.perturb, parameterization="pixel", max_w=1.0,
