@@ -23,10 +23,10 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - consistency: `published` | `coalition` | `off` (`PerturbConfig.consistency`);
 - coalition network init: `random` | `vgg16init` (`CoalitionConfig.init`; `vgg16init` needs VGG16
   weights);
-- parameterization of w: `pixel` | `region` | `lowres` (`PerturbConfig.parameterization`);
+- parameterization of w: `pixel` | `region` | `lowres` | `guided` (`PerturbConfig.parameterization`);
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
-  `tiny`; replaces the evaluation's preset for this method).
+  `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
 For example `pfc`, `pfc-coalition`, `pfc-lowres`, `pfc-fast_published`, `pfc-coalition-paper`.
 """
@@ -81,6 +81,7 @@ PFC_MODIFIERS = {
     "pixel": ("perturb", "parameterization", "pixel"),
     "region": ("perturb", "parameterization", "region"),
     "lowres": ("perturb", "parameterization", "lowres"),
+    "guided": ("perturb", "parameterization", "guided"),
     "hinge": ("perturb", "confidence", "hinge"),
     "log_softmax": ("perturb", "confidence", "log_softmax"),
 }
@@ -218,10 +219,11 @@ def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, 
 
 
 def read_records(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]], bool]:
-  """Reads a records file (see `RecordLog`).
+  """Reads a records file (see `RecordLog`; `scripts/sweep.py` writes the same form, with a
+  "setting" in place of the "method").
 
   Returns:
-    `(settings, {(method, index): record}, torn)`, `torn` when the last line was cut off by an
+    `(settings, {(method or setting, index): record}, torn)`, `torn` when the last line was cut off by an
     interrupted write (that line is dropped).
 
   Raises:
@@ -240,7 +242,7 @@ def read_records(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[st
       if number == len(lines):
         return settings, records, True
       raise ValueError(f"Records file {str(path)!r}: line {number} is not JSON.") from None
-    records[(record["method"], record["index"])] = record
+    records[(record["method"] if "method" in record else record["setting"], record["index"])] = record
   return settings, records, False
 
 

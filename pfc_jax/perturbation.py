@@ -25,6 +25,12 @@ saliency map:
   Vedaldi, ICCV 2019); a period of 4 pixels is finer than the upsampled grid can represent
   (stride 8 and above), so the stride grid is gone, and objects come out as smooth blobs. The
   coalitions then enter only through the consistency term.
+- "guided": coalition-guided smooth noise. The "lowres" field is smoothed inside each
+  coalition only: at a pixel of coalition i, w is the Gaussian-weighted mean of the upsampled
+  field over the nearby pixels of coalition i (normalised convolution, Knutsson and Westin,
+  CVPR 1993, with the coalition map as the guide, as a cross-bilateral filter with a binary
+  range kernel). w stays smooth inside a coalition and may jump at its border, so the saliency's
+  edges are the coalitions' edges: the coalitions shape the map.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from pfc_jax.classifier import Classifier
 
 Consistency = Literal["published", "coalition", "off"]
 _CONSISTENCIES = ("published", "coalition", "off")
-Parameterization = Literal["pixel", "region", "lowres"]
-_PARAMETERIZATIONS = ("pixel", "region", "lowres")
+Parameterization = Literal["pixel", "region", "lowres", "guided"]
+_PARAMETERIZATIONS = ("pixel", "region", "lowres", "guided")
 Confidence = Literal["hinge", "log_softmax"]
 _CONFIDENCES = ("hinge", "log_softmax")
 # Keeps the Gaussian-weighted coalition mean finite far from a coalition, where the
@@ -88,11 +94,13 @@ class PerturbConfig:
       CPU, one compiled loop elsewhere), "compiled" or "python". Same results. Default "auto".
     parameterization: How w is parameterised (see the module docstring): "pixel" (one value
       per pixel and channel, as published), "region" (one value per connected coalition region
-      and channel) or "lowres" (a coarse grid upsampled bilinearly). Default "pixel".
+      and channel), "lowres" (a coarse grid upsampled bilinearly) or "guided" ("lowres"
+      smoothed inside each coalition). Default "pixel".
     max_regions: "region" only: the largest `max_regions` connected regions of the coalitions
       get their own value; the smaller regions of a coalition share one. Default 64.
-    lowres_stride: "lowres" only: w's grid is `ceil(H / lowres_stride) x ceil(W / lowres_stride)`.
-      Default 8.
+    lowres_stride: "lowres" and "guided": w's grid is
+      `ceil(H / lowres_stride) x ceil(W / lowres_stride)`; "guided" smooths with a Gaussian of
+      standard deviation `lowres_stride / 2` pixels (`2 * lowres_stride + 1` taps). Default 8.
     confidence: The confidence term: "hinge" (the paper's mean of relu(f_j - f_t) on logits,
       zero while the target stays on top) or "log_softmax" (-log softmax(f)_t, the target's
       cross-entropy, which ranks the noise's harm before the class flips, as the preservation
@@ -333,34 +341,77 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
 def parameter_shape(config: PerturbConfig, height: int, width: int) -> tuple[int, ...]:
   """Shape of the optimised parameters theta of one `height x width` image.
 
-  "pixel": `[H, W, 3]`; "region": `[max_regions + max_coalitions, 3]`; "lowres":
-  `[ceil(H / lowres_stride), ceil(W / lowres_stride), 3]`.
+  "pixel": `[H, W, 3]`; "region": `[max_regions + max_coalitions, 3]`; "lowres" and
+  "guided": `[ceil(H / lowres_stride), ceil(W / lowres_stride), 3]`.
   """
   if config.parameterization == "region":
     return (config.max_regions + config.max_coalitions, 3)
-  if config.parameterization == "lowres":
+  if config.parameterization in ("lowres", "guided"):
     return (-(-height // config.lowres_stride), -(-width // config.lowres_stride), 3)
   return (height, width, 3)
 
 
-def noise_scale(config: PerturbConfig, theta: jax.Array, regions: jax.Array | None,
-                size: tuple[int, int]) -> jax.Array:
+def coalition_smoothing(field: jax.Array, labels: jax.Array, num_coalitions: int,
+                        sigma: float) -> jax.Array:
+  """Smooths `field [H, W, C]` inside each coalition only (normalised convolution).
+
+  At a pixel p of coalition i the result is sum_q G(p - q) C_i(q) field(q) / sum_q G(p - q)
+  C_i(q), G a Gaussian of standard deviation `sigma` pixels truncated at 2 sigma (Knutsson and
+  Westin, CVPR 1993): a convex combination of the field's values in coalition i, so it stays in
+  the field's range, and no value crosses a coalition border.
+
+  Args:
+    field: `[H, W, C] float32`.
+    labels: `[H, W] int32` coalition labels; labels outside [0, num_coalitions) keep the
+      field's own value.
+    num_coalitions: Static number of coalition labels.
+    sigma: Gaussian standard deviation in pixels (static).
+
+  Returns:
+    `[H, W, C] float32`.
+  """
+  height, width, channels = field.shape
+  radius = max(1, int(round(2 * sigma)))
+  factor = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2)).astype(np.float32)
+  factor /= factor.sum()
+  masks = jax.nn.one_hot(labels, num_coalitions, dtype=field.dtype)  # [H, W, K]
+
+  def smooth(x):
+    return _filter_channels(_filter_channels(x, factor[:, None]), factor[None, :])
+
+  weighted = smooth((field[..., :, None] * masks[..., None, :]).reshape(
+      height, width, channels * num_coalitions)).reshape(height, width, channels, num_coalitions)
+  weight = smooth(masks)  # [H, W, K], > 0 at every pixel of coalition k (the centre tap)
+  own = jnp.take_along_axis(weighted, jnp.clip(labels, 0, num_coalitions - 1)[:, :, None, None],
+                            axis=-1)[..., 0]
+  own_weight = jnp.take_along_axis(weight, jnp.clip(labels, 0, num_coalitions - 1)[:, :, None],
+                                   axis=-1)
+  inside = ((labels >= 0) & (labels < num_coalitions))[..., None]
+  return jnp.where(inside, own / jnp.where(inside, own_weight, 1.0), field)
+
+
+def noise_scale(config: PerturbConfig, theta: jax.Array, size: tuple[int, int],
+                regions: jax.Array | None = None, labels: jax.Array | None = None) -> jax.Array:
   """w `[H, W, 3]` from the parameters theta of one image (see `parameter_shape`).
 
   Args:
     config: Selects the parameterization.
     theta: One image's parameters, in [0, max_w].
-    regions: `[H, W] int32` region numbers of `pfc_jax.regions.region_ids` ("region"), else
-      unused.
     size: `(H, W)`.
+    regions: `[H, W] int32` region numbers of `pfc_jax.regions.region_ids`; "region" only.
+    labels: `[H, W] int32` coalition labels; "guided" only.
 
   Returns:
-    `[H, W, 3]` noise scale, in [0, max_w] when theta is (bilinear upsampling is convex).
+    `[H, W, 3]` noise scale, in [0, max_w] when theta is (bilinear upsampling and the
+    coalition smoothing are convex combinations).
   """
   if config.parameterization == "region":
     return theta[regions]
-  if config.parameterization == "lowres":
-    return jax.image.resize(theta, (*size, theta.shape[-1]), "linear")
+  if config.parameterization in ("lowres", "guided"):
+    field = jax.image.resize(theta, (*size, theta.shape[-1]), "linear")
+    if config.parameterization == "guided":
+      field = coalition_smoothing(field, labels, config.max_coalitions, config.lowres_stride / 2)
+    return field
   return theta
 
 
@@ -373,7 +424,7 @@ def _loss_and_grad(theta, regions, x, noise, labels, target, classifier, config,
   classifier = _precision.classifier_in(classifier, config.precision)
 
   def loss(theta, noise):
-    w = noise_scale(config, theta, regions, x.shape[:2])
+    w = noise_scale(config, theta, x.shape[:2], regions, labels)
     return objective(w, x, noise, labels, target, classifier, config, hyper)[0]
 
   value_and_grad = jax.value_and_grad(loss)
@@ -440,7 +491,7 @@ def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple
 def _final_noise_scale(config: PerturbConfig, classifier: Classifier, state: _State):
   """`(w [H, W, 3], saliency [H, W], target [], probs [])` of one image."""
   del classifier
-  w = noise_scale(config, state.theta, state.regions, state.x.shape[:2])
+  w = noise_scale(config, state.theta, state.x.shape[:2], state.regions, state.labels)
   return w, 1.0 - w.mean(axis=-1), state.target, state.probs
 
 

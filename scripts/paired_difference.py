@@ -6,6 +6,12 @@ For each metric, over the images both methods scored: the mean of A - B and its 
 bootstrap interval (images resampled with replacement, fixed seed). An interval that excludes 0
 is a difference the images support; one that straddles 0 is not.
 
+The records of `scripts/sweep.py` work too, with settings in place of methods, e.g. two tuning
+objectives on the same photos:
+
+  python scripts/paired_difference.py docs/results/tuning/photos_guided_logsoftmax3.records.jsonl \
+      confidence_weight=3 max_w=5 --second-records docs/results/tuning/photos_lowres_hinge.records.jsonl
+
 `--second-records` takes B from another records file of the same model, weights and images, e.g.
 the "paper" preset against the "fast" one:
 
@@ -22,9 +28,9 @@ import numpy as np
 from pfc_jax import evaluation
 
 METRICS = tuple(key for key, *_ in evaluation.COLUMNS if key != "seconds_per_image")
-# Settings that choose the methods; every other setting (model, weights, data, seed, curve
+# Settings that choose the methods (`perturb`: a sweep's edits); every other setting (model, weights, data, seed, curve
 # settings) must agree for two records files' scores to be paired.
-METHOD_SETTINGS = ("preset", "vgg_weights")
+METHOD_SETTINGS = ("preset", "vgg_weights", "perturb")
 
 
 def paired_scores(path: str, first: str, second: str, second_path: str | None = None

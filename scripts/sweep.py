@@ -8,10 +8,22 @@ Every combination of the `--sweep` values (fields of `pfc_jax.perturbation.SWEEP
 explained by one `pfc_jax.explain_sweep` call per batch: one compilation, K x B problems in one
 vmapped batch. `--num-channels 5,10,20` adds an outer loop over the coalition network's output
 channels l (the paper's open question 1; a structural setting, so one compilation per value).
-Photos: `--images DIR --labels CSV [--offset N --limit M]` instead of the shapes benchmark.
+Photos: `--images DIR --labels CSV [--offset N --limit M]` instead of the shapes benchmark, e.g.
+the tuning runs of the README (rows 0-15):
+
+  python scripts/sweep.py --model squeezenet1_1 --weights ../shared/evaldata/squeezenet1_1.safetensors \
+      --images ../shared/evaldata/imagenet-sample --labels ../shared/evaldata/imagenet-sample/labels.csv \
+      --limit 16 --preset fast_lowres --road --coalition-cache runs/coalitions \
+      --perturb parameterization=guided confidence=log_softmax --sweep confidence_weight=10,100 \
+      --records docs/results/tuning/photos_guided_logsoftmax.records.jsonl
 
 Per-image scores go to `--records` (JSON lines, one per setting and image) as each batch
 finishes; a rerun skips what is there, and the table of means is printed from the records.
+`--road` adds ROAD MoRF/LeRF (Rong et al. 2022, `pfc_jax.metrics.road`).
+
+`--coalition-cache DIR` keeps each image's coalition labels in DIR (one `.npz` per image, keyed
+by the coalition settings, seed and data), so that runs of other perturbation variants on the
+same images skip the coalition stage; the labels are those `explain_sweep` would compute.
 """
 
 from __future__ import annotations
@@ -23,15 +35,19 @@ import json
 import os
 from pathlib import Path
 
+import hashlib
+
 import jax
 import numpy as np
 
 from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
-from pfc_jax.explain import ExplainConfig, explain_sweep
+from pfc_jax.coalitions import extract_coalitions
+from pfc_jax.explain import ExplainConfig
+from pfc_jax.perturbation import perturb_sweep
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
-          "pointing_game", "relevance_mass")
+          "road_morf", "road_lerf", "pointing_game", "relevance_mass")
 
 
 def _value(text: str):
@@ -62,7 +78,29 @@ def _load(args):
   return bench.images[args.offset:], bench.masks[args.offset:], args.offset
 
 
-def _scores(classifier, images, saliency, target, masks):
+def _coalition_labels(images, keys, indices, config, cache, cache_tag):
+  """`[B, H, W] int32` labels as `explain_sweep` computes them (key folded with 0), read from
+  or written to `cache/labels-{tag}-{index}.npz` when `cache` is given."""
+  paths = [cache / f"labels-{cache_tag}-{i:08d}.npz" for i in indices] if cache else []
+  if paths and all(p.exists() for p in paths):
+    return np.stack([np.load(p)["labels"] for p in paths])
+  stage_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+  labels = np.asarray(extract_coalitions(images, stage_keys, config.coalitions).labels)
+  for path, image_labels in zip(paths, labels):
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, labels=image_labels)
+    os.replace(tmp, path)
+  return labels
+
+
+def _cache_tag(config, header, size) -> str:
+  """Digest of what the labels depend on: coalition settings, seed, data and image size."""
+  keyed = (repr(config.coalitions), header["seed"], header["images"], header["benchmark_seed"],
+           tuple(size))
+  return hashlib.sha256(repr(keyed).encode()).hexdigest()[:12]
+
+
+def _scores(classifier, images, saliency, target, masks, road_keys):
   out = {
       "average_drop": metrics.average_drop(classifier, images, saliency, target),
       "increase_in_confidence": metrics.increase_in_confidence(classifier, images, saliency, target),
@@ -72,10 +110,13 @@ def _scores(classifier, images, saliency, target, masks):
   if masks is not None:
     out["pointing_game"] = metrics.pointing_game(saliency, masks)
     out["relevance_mass"] = metrics.relevance_mass(saliency, masks)
+  if road_keys is not None:
+    curves = metrics.road(classifier, images, saliency, target, road_keys)
+    out["road_morf"], out["road_lerf"] = curves.morf.mean(axis=1), curves.lerf.mean(axis=1)
   return {k: np.asarray(v) for k, v in out.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES)
   parser.add_argument("--weights", help="Weights file (default: the model's default source).")
@@ -95,7 +136,9 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(key(seed), i).")
   parser.add_argument("--records", required=True, help="JSON-lines file of per-image scores.")
-  args = parser.parse_args()
+  parser.add_argument("--road", action="store_true", help="Also score ROAD MoRF/LeRF.")
+  parser.add_argument("--coalition-cache", help="Folder that keeps coalition labels per image.")
+  args = parser.parse_args(argv)
 
   base = ExplainConfig.preset(args.preset)
   edits = {k[0]: v[0][0] for k, v in _parse_assignments(args.perturb).items()}
@@ -112,6 +155,8 @@ def main() -> None:
   header = {"model": args.model, "weights": args.weights, "images": args.images,
             "benchmark_seed": None if args.images else args.benchmark_seed, "seed": args.seed,
             "preset": args.preset, "perturb": edits}
+  if args.road:
+    header["road"] = True
   done = {}
   if records_path.exists():
     lines = records_path.read_text().splitlines()
@@ -127,6 +172,9 @@ def main() -> None:
     records_path.parent.mkdir(parents=True, exist_ok=True)
     records_path.write_text(json.dumps({"settings": header}) + "\n")
 
+  cache = Path(args.coalition_cache) if args.coalition_cache else None
+  if cache:
+    cache.mkdir(parents=True, exist_ok=True)
   images, masks, first = _load(args)
   classifier = models.classifier(args.model, weights.load(args.model, source=args.weights))
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(
@@ -144,11 +192,16 @@ def main() -> None:
       indices = [first + i for i in range(batch.start, batch.stop)]
       if all((label, i) in done for label in labels for i in indices):
         continue
-      result = explain_sweep(classifier, images[batch], keys[batch], config, settings)
+      labels_batch = _coalition_labels(images[batch], keys[batch], indices, config, cache,
+                                       _cache_tag(config, header, images.shape[1:3]))
+      result = perturb_sweep(classifier, images[batch], labels_batch,
+                             jax.vmap(jax.random.fold_in, (0, None))(keys[batch], 1),
+                             config.perturb, settings)
+      road_keys = keys[batch] if args.road else None
       new = []
       for k, label in enumerate(labels):
-        scores = _scores(classifier, images[batch], result.saliency[k], result.target,
-                         None if masks is None else masks[batch])
+        scores = _scores(classifier, images[batch], result.saliency[k], result.target[k],
+                         None if masks is None else masks[batch], road_keys)
         new += [{"setting": label, "index": index, **{m: float(v[j]) for m, v in scores.items()}}
                 for j, index in enumerate(indices)]
       with open(records_path, "a") as f:

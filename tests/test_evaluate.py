@@ -395,3 +395,26 @@ def test_paired_difference_pairs_only_images_where_both_have_the_metric(tmp_path
   assert indices == [0, 1, 2]
   np.testing.assert_allclose(pairs["average_drop"][:, 0] - pairs["average_drop"][:, 1], 1.0)
   assert len(pairs["average_drop_raw"]) == 2 and len(pairs["randomization_spearman"]) == 1
+
+
+def test_paired_difference_reads_sweep_records_across_objectives(tmp_path):
+  script = pathlib.Path(__file__).parents[1] / "scripts" / "paired_difference.py"
+  spec = importlib.util.spec_from_file_location("paired_difference", script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def write(name, perturb, setting, offset, indices, model="m"):
+    lines = [json.dumps({"settings": {"model": model, "preset": "fast", "perturb": perturb}})]
+    lines += [json.dumps({"setting": setting, "index": i, "insertion_auc": 0.1 * i + offset})
+              for i in indices]
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+  write("a.jsonl", {"parameterization": "guided"}, "max_w=5", 0.25, range(4))
+  write("b.jsonl", {}, "max_w=5", 0.0, range(6))
+  indices, pairs = module.paired_scores(str(tmp_path / "a.jsonl"), "max_w=5", "max_w=5",
+                                        str(tmp_path / "b.jsonl"))
+  assert indices == [0, 1, 2, 3]  # Only the images both files scored.
+  np.testing.assert_allclose(pairs["insertion_auc"][:, 0] - pairs["insertion_auc"][:, 1], 0.25)
+  write("c.jsonl", {}, "max_w=5", 0.0, range(6), model="other")
+  with pytest.raises(SystemExit, match="model"):
+    module.paired_scores(str(tmp_path / "a.jsonl"), "max_w=5", "max_w=5", str(tmp_path / "c.jsonl"))

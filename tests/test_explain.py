@@ -46,16 +46,21 @@ def test_paper_preset_is_the_authors_demo():
     ExplainConfig.preset("best")
 
 
-def test_presets_other_than_paper_and_fast_published_use_the_chosen_objective():
-  published = ExplainConfig.preset("fast_published")
+def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_differ_only_there():
+  published, lowres = ExplainConfig.preset("fast_published"), ExplainConfig.preset("fast_lowres")
   fast, full = ExplainConfig.preset("fast"), ExplainConfig.preset("full")
   assert published.perturb.parameterization == "pixel" and published.perturb.max_w == 1.0
   for chosen in (fast, full):
-    assert chosen.perturb.parameterization == "lowres" and chosen.perturb.max_w == 5.0
+    assert chosen.perturb.parameterization == "guided" and chosen.perturb.max_w == 5.0
+    assert chosen.perturb.confidence == "log_softmax"
     # Adam moves about one learning rate per step: w can reach max_w with steps to spare.
     assert chosen.perturb.learning_rate * chosen.perturb.steps >= 2 * chosen.perturb.max_w
-  assert dataclasses.replace(fast.perturb, parameterization="pixel", max_w=1.0,
+  assert fast.perturb.consistency == published.perturb.consistency == "published"
+  assert dataclasses.replace(fast.perturb, parameterization="lowres", confidence="hinge",
+                             confidence_weight=100.0) == lowres.perturb
+  assert dataclasses.replace(lowres.perturb, parameterization="pixel", max_w=1.0,
                              learning_rate=3e-2) == published.perturb
+  assert fast.coalitions == lowres.coalitions == published.coalitions
   assert full.coalitions == ExplainConfig.preset("paper").coalitions
 
 

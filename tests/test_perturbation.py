@@ -266,7 +266,7 @@ def test_lowres_noise_is_the_bilinear_upsampling_of_a_coarse_grid():
   config = dataclasses.replace(CONFIG, parameterization="lowres", lowres_stride=4)
   assert parameter_shape(config, SIZE, SIZE + 1) == (SIZE // 4, -(-(SIZE + 1) // 4), 3)
   coarse = np.random.default_rng(0).uniform(size=(4, 4, 3)).astype(np.float32)
-  w = np.asarray(noise_scale(config, jnp.asarray(coarse), None, (SIZE, SIZE)))
+  w = np.asarray(noise_scale(config, jnp.asarray(coarse), (SIZE, SIZE)))
   # Half-pixel-centred bilinear upsampling by 4, edges clamped, in numpy.
   source = np.clip((np.arange(SIZE) + 0.5) / 4 - 0.5, 0, 3)
   low = np.minimum(np.floor(source).astype(int), 2)
@@ -316,3 +316,46 @@ def test_sweep_rejects_bad_settings():
                           ({"learning_rate": [0.1, -1.0]}, "positive")):
     with pytest.raises(ValueError, match=match):
       perturb_sweep(_tiny_classifier(), images, labels, jax.random.key(0), CONFIG, settings)
+
+
+def test_coalition_smoothing_is_a_normalised_convolution_inside_each_coalition():
+  from pfc_jax.perturbation import coalition_smoothing
+  rng = np.random.default_rng(5)
+  field = rng.uniform(size=(12, 10, 2)).astype(np.float32)
+  labels = np.zeros((12, 10), np.int32)
+  labels[:, 6:] = 1
+  labels[3:7, 1:4] = 2
+  sigma = 1.5
+  got = np.asarray(coalition_smoothing(jnp.asarray(field), jnp.asarray(labels), 4, sigma))
+  # Direct sum over the truncated (radius 3) Gaussian window, restricted to the own coalition.
+  radius = 3
+  expected = np.zeros_like(field)
+  for y in range(12):
+    for x in range(10):
+      num, den = np.zeros(2), 0.0
+      for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+          q = (y + dy, x + dx)
+          if 0 <= q[0] < 12 and 0 <= q[1] < 10 and labels[q] == labels[y, x]:
+            g = np.exp(-(dy**2 + dx**2) / (2 * sigma**2))
+            num += g * field[q]
+            den += g
+      expected[y, x] = num / den
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # A constant field inside a coalition stays constant, whatever the neighbours hold.
+  step = np.where(labels[..., None] == 1, 3.0, 0.5).astype(np.float32) * np.ones((1, 1, 2))
+  np.testing.assert_allclose(
+      coalition_smoothing(jnp.asarray(step, jnp.float32), jnp.asarray(labels), 4, sigma), step,
+      rtol=1e-6)
+
+
+def test_guided_noise_follows_coalition_borders():
+  config = dataclasses.replace(CONFIG, parameterization="guided", lowres_stride=4)
+  images, labels = _batch(seed=3)
+  result = perturb(_tiny_classifier(), images, labels, jax.random.key(4), config)
+  w = np.asarray(result.w)
+  assert float(w.min()) >= 0 and float(w.max()) <= config.max_w + 1e-5 and w.max() > 0
+  same = np.asarray(labels)[:, :, 1:] == np.asarray(labels)[:, :, :-1]
+  jumps = np.abs(np.diff(w, axis=2)).max(-1)
+  # Inside a coalition neighbours are smoothed; the larger jumps sit on coalition borders.
+  assert jumps[same].max() <= 5.0 / 4 + 1e-5

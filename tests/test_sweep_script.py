@@ -1,0 +1,54 @@
+"""`scripts/sweep.py`: the coalition cache gives the labels `explain_sweep` computes, and a run
+from the cache reproduces a run without it."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pfc_jax import ExplainConfig, explain_sweep, models, weights
+from pfc_jax.benchmarks import shapes
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_cached_labels_are_explain_sweeps(tmp_path, monkeypatch):
+  images = shapes.generate(2, size=32, seed=0).images
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(np.arange(2))
+  config = ExplainConfig.preset("tiny")
+  classifier = models.classifier("shapes_cnn", weights.load("shapes_cnn"))
+  expected = explain_sweep(classifier, images, keys, config, {"max_w": [1.0]}).labels
+
+  computed = sweep._coalition_labels(images, keys, [5, 6], config, tmp_path, "tag")
+  np.testing.assert_array_equal(computed, expected)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "labels-tag-00000005.npz", "labels-tag-00000006.npz"]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("the cache was not used")
+
+  monkeypatch.setattr(sweep, "extract_coalitions", no_training)
+  np.testing.assert_array_equal(
+      sweep._coalition_labels(images, keys, [5, 6], config, tmp_path, "tag"), expected)
+  with pytest.raises(AssertionError, match="cache was not used"):
+    sweep._coalition_labels(images, keys, [5, 7], config, tmp_path, "tag")
+
+
+def test_run_from_cache_reproduces_run_without(tmp_path):
+  common = ["--model", "shapes_cnn", "--num-images", "2", "--batch-size", "2", "--preset", "tiny",
+            "--sweep", "max_w=1,3", "--road"]
+  sweep.main(common + ["--records", str(tmp_path / "plain.jsonl")])
+  for name in ("fill.jsonl", "from_cache.jsonl"):
+    sweep.main(common + ["--records", str(tmp_path / name),
+                         "--coalition-cache", str(tmp_path / "cache")])
+  assert len(list((tmp_path / "cache").glob("labels-*.npz"))) == 2
+  read = lambda name: [json.loads(line) for line in
+                       (tmp_path / name).read_text().splitlines()[1:]]
+  plain = read("plain.jsonl")
+  assert len(plain) == 4 and {"road_morf", "road_lerf", "pointing_game"} <= set(plain[0])
+  assert read("fill.jsonl") == plain
+  assert read("from_cache.jsonl") == plain
