@@ -163,36 +163,25 @@ class Stage(NamedTuple):
 
 
 @functools.cache
-def _paired_step(step: Callable) -> Callable:
-  """`step(static, shared, carry)` as a `run_loop` step over the pair `(shared, carry)`."""
+def _paired_step(step: Callable, batched: bool = False) -> Callable:
+  """`step(static, shared, carry)` as a `run_loop` step over the pair `(shared, carry)`;
+  `batched`: the carry has a leading image axis and `step` is vmapped over it."""
   def paired(static, pair):
     shared, carry = pair
-    carry, out = step(static, shared, carry)
+    image_step = lambda c: step(static, shared, c)
+    carry, out = (jax.vmap(image_step) if batched else image_step)(carry)
     return (shared, carry), out
   return paired
 
 
 @functools.cache
-def _paired_stop(stop: Callable | None) -> Callable | None:
+def _paired_stop(stop: Callable | None, batched: bool = False) -> Callable | None:
+  """`stop(static, carry)` over the pair; `batched`: stop when every image has stopped."""
   if stop is None:
     return None
+  if batched:
+    return lambda static, pair: jax.vmap(lambda c: stop(static, c))(pair[1]).all()
   return lambda static, pair: stop(static, pair[1])
-
-
-@functools.cache
-def _vmapped_step(step: Callable) -> Callable:
-  def batch_step(static, pair):
-    shared, carries = pair
-    carries, outs = jax.vmap(lambda c: step(static, shared, c))(carries)
-    return (shared, carries), outs
-  return batch_step
-
-
-@functools.cache
-def _vmapped_stop(stop: Callable | None) -> Callable | None:
-  if stop is None:
-    return None
-  return lambda static, pair: jax.vmap(lambda c: stop(static, c))(pair[1]).all()
 
 
 @functools.cache
@@ -264,8 +253,9 @@ def run_images(stage: Stage, static: Any, shared: Any, inputs: Any, num_steps: i
     return map_program(stage, num_steps)(static, shared, inputs)
   if layout == "vmap":
     carries = _jit_batch_fn(stage.prepare)(static, shared, inputs)
-    (_, carries), outs = run_loop(_vmapped_step(stage.step), static, (shared, carries), num_steps,
-                                  driver=driver, stop=_vmapped_stop(stage.stop))
+    (_, carries), outs = run_loop(
+        _paired_step(stage.step, batched=True), static, (shared, carries), num_steps,
+        driver=driver, stop=_paired_stop(stage.stop, batched=True))
     outputs = _jit_batch_fn(stage.finish)(static, shared, carries)
     return outputs, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
   prepare, finish = _jit_image_fn(stage.prepare), _jit_image_fn(stage.finish)

@@ -37,7 +37,7 @@ def step_memory(config: perturbation.PerturbConfig, batch: int, size: int = 224)
   stage = perturbation._STAGE  # pylint: disable=protected-access
   states = jax.eval_shape(lambda c, i: jax.vmap(lambda x: stage.prepare(config, c, x))(i),
                           classifier, inputs)
-  step = _loop.jit_step(_loop._vmapped_step(stage.step))  # pylint: disable=protected-access
+  step = _loop.jit_step(_loop._paired_step(stage.step, batched=True))  # pylint: disable=protected-access
   return step.lower(config, (classifier, states)).compile().memory_analysis()
 
 

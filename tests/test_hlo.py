@@ -39,7 +39,7 @@ def test_vmap_layout_has_grouped_convolutions():
   """The check above can fail: the vmapped step's convolutions are grouped."""
   images, keys = _inputs()
   states = jax.vmap(lambda image, key: coalitions._prepare(CONFIG, image, key, None))(images, keys)
-  step = _loop.jit_step(_loop._vmapped_step(coalitions._stage_step))
+  step = _loop.jit_step(_loop._paired_step(coalitions._stage_step, batched=True))
   hlo = step.lower(CONFIG, (None, states)).compile().as_text()
   assert _grouped_convolutions(hlo)
 
