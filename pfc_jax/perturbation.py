@@ -72,6 +72,10 @@ class PerturbConfig:
       Default 100.0.
     consistency_weight: v, weight of the consistency term. Default 1.0.
     smoothness_weight: c, weight of the Laplacian smoothness term (off in the demo). Default 0.0.
+    deletion_weight: Weight of the deletion term (the deletion game, see `objective`): the
+      target's probability under the complementary noise `eps * (max_w - w)`, which is large
+      where w is small. Not in the paper; nonzero doubles the classifier's batch per step.
+      Default 0.0 (off).
     consistency: Which consistency term: "published" (the paper's formula, which does not
       depend on the coalitions, see `objective`), "coalition" (Gaussian-weighted deviation of w
       from its mean inside each coalition) or "off" (term is zero; the ablation).
@@ -120,6 +124,7 @@ class PerturbConfig:
   confidence_weight: float = 100.0
   consistency_weight: float = 1.0
   smoothness_weight: float = 0.0
+  deletion_weight: float = 0.0
   consistency: Consistency = "published"
   sigma: float = 1.0
   kernel_size: int = 5
@@ -172,6 +177,7 @@ class Hyperparameters(NamedTuple):
   confidence_weight: jax.Array
   consistency_weight: jax.Array
   smoothness_weight: jax.Array
+  deletion_weight: jax.Array
   sigma: jax.Array
   max_w: jax.Array
   learning_rate: jax.Array
@@ -182,7 +188,7 @@ class Hyperparameters(NamedTuple):
 
 
 SWEEPABLE = Hyperparameters._fields
-_TERMS = ("mask", "confidence", "consistency", "smoothness")
+_TERMS = ("mask", "confidence", "consistency", "smoothness", "deletion")
 
 
 class Perturbation(NamedTuple):
@@ -293,6 +299,14 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
       Gaussian-weighted mean of w inside coalition i; it penalises variation of w within a
       coalition and none across borders. "off": 0.
     smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
+    deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
+      probability when the noise falls where w is small: the deletion game of Fong and Vedaldi
+      (ICCV 2017), played on the same w as the preservation game (the "dual" objective of
+      Extremal Perturbations, Fong, Patrick and Vedaldi, ICCV 2019). The preservation terms
+      alone leave redundant evidence noised (keeping one of two cues suffices); this term
+      fails unless every cue is marked salient, which the most-relevant-first removal curves
+      (deletion, ROAD MoRF) reward. Evaluated (a second batch of S classifier calls on the
+      same eps) only when `config.deletion_weight` is nonzero; 0 otherwise.
 
   Pure and differentiable in `w`, `x`, `noise`, the classifier's params and the
   hyperparameters.
@@ -311,11 +325,18 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
 
   Returns:
     `(total, terms)`: `total [] float32` = sum over the terms kept of weight * term;
-    `terms` maps "mask", "confidence", "consistency", "smoothness" to `[] float32`
+    `terms` maps "mask", "confidence", "consistency", "smoothness", "deletion" to `[] float32`
     unweighted values.
   """
   hyper = Hyperparameters.from_config(config) if hyperparameters is None else hyperparameters
-  logits = classifier(x[None] + noise * w[None])  # [S, C]
+  preserved = x[None] + noise * w[None]  # [S, H, W, 3]
+  deletion = jnp.zeros((), w.dtype)
+  if config.deletion_weight:
+    deleted = x[None] + noise * (hyper.max_w - w)[None]
+    logits, deleted_logits = jnp.split(classifier(jnp.concatenate([preserved, deleted])), 2)
+    deletion = jnp.take(jax.nn.softmax(deleted_logits, axis=-1), target, axis=-1).mean()
+  else:
+    logits = classifier(preserved)  # [S, C]
   if config.confidence == "hinge":
     confidence = jax.nn.relu(logits - jnp.take(logits, target, axis=-1)[:, None]).mean()
   else:
@@ -332,6 +353,7 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
       "confidence": confidence,
       "consistency": consistency,
       "smoothness": _smoothness(w, masks),
+      "deletion": deletion,
   }
   total = sum(getattr(hyper, f"{name}_weight") * terms[name] for name in _TERMS
               if getattr(config, f"{name}_weight"))

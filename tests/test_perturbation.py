@@ -56,8 +56,14 @@ def _np_gaussian(size, sigma):
   return g
 
 
-def _np_terms(w, logits, labels, target, num, variant, sigma=1.0, size=5):
-  """Unweighted terms of METHOD.md section 2 for one image, loop by loop."""
+def _np_softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_terms(w, logits, labels, target, num, variant, sigma=1.0, size=5, deleted_logits=None):
+  """Unweighted terms of METHOD.md section 2 for one image, loop by loop; the deletion term
+  from the logits under the complementary noise, when given."""
   g = _np_gaussian(size, sigma)
   masks = [(labels == i).astype(np.float64) for i in range(num)]
   confidence = np.mean(np.maximum(0.0, logits - logits[:, [target]]))
@@ -73,8 +79,9 @@ def _np_terms(w, logits, labels, target, num, variant, sigma=1.0, size=5):
   laplacian = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
   lap = np.stack([_np_conv_same(w[..., c], laplacian) for c in range(3)], -1)
   smoothness = sum(np.mean((lap * m[..., None]) ** 2) for m in masks)
+  deletion = 0.0 if deleted_logits is None else np.mean(_np_softmax(deleted_logits)[:, target])
   return {"mask": -w.mean(), "confidence": confidence, "consistency": consistency,
-          "smoothness": smoothness}
+          "smoothness": smoothness, "deletion": deletion}
 
 
 @pytest.mark.parametrize("variant", ["published", "coalition"])
@@ -89,16 +96,19 @@ def test_objective_matches_numpy_transcription(variant):
   labels = rng.integers(0, num, size=(SIZE, SIZE))
   noisy = (x[None] + noise * w[None]).reshape(samples, -1)
   target = int(np.argsort((noisy @ weights).mean(0))[1])  # one that other classes overtake
-  config = PerturbConfig(consistency=variant, smoothness_weight=0.5, max_coalitions=6)
+  config = PerturbConfig(consistency=variant, smoothness_weight=0.5, deletion_weight=2.0,
+                         max_w=1.5, max_coalitions=6)
   total, terms = _objective(
       *(jnp.asarray(a, jnp.float32) for a in (w, x, noise)), jnp.asarray(labels, jnp.int32),
       target, classifier, config)
-  expected = _np_terms(w, noisy @ weights, labels, target, num, variant)
+  deleted = (x[None] + noise * (1.5 - w[None])).reshape(samples, -1)
+  expected = _np_terms(w, noisy @ weights, labels, target, num, variant,
+                       deleted_logits=deleted @ weights)
   assert expected["confidence"] > 0 and expected["smoothness"] > 0
   for name, value in expected.items():
     np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
   weighted = (0.1 * expected["mask"] + 100 * expected["confidence"] + expected["consistency"]
-              + 0.5 * expected["smoothness"])
+              + 0.5 * expected["smoothness"] + 2.0 * expected["deletion"])
   np.testing.assert_allclose(total, weighted, rtol=1e-5)
 
 
@@ -173,6 +183,36 @@ def test_saliency_is_high_only_where_the_classifier_looks():
   assert saliency[inside].mean() > 0.5, saliency[inside].mean()
   assert saliency[~inside].mean() < 0.1, saliency[~inside].mean()
   assert result.losses.shape == (1, 60) and float(result.losses[0, -1]) < float(result.losses[0, 1])
+
+
+def _either_square_apply(params, x):
+  """Class 0 holds while either of two squares (masks `params [2, H, W, 1]`) stays clean."""
+  energy = (x[None] ** 2 * params[:, None]).sum(axis=(2, 3, 4)) / (3 * params.sum(axis=(1, 2, 3)))[:, None]
+  return jnp.stack([1.0 - 10.0 * energy.min(axis=0), jnp.zeros(x.shape[:1])], axis=-1)
+
+
+@pytest.mark.parametrize("deletion_weight", [0.0, 10.0])
+def test_the_deletion_term_marks_redundant_evidence(deletion_weight):
+  # Keeping one square clean suffices for class 0: the preservation game keeps the small one
+  # and noises the large one; the deletion game fails while either is left out of the map.
+  size = 24
+  squares = np.zeros((2, size, size, 1), np.float32)
+  squares[0, 4:8, 4:8] = squares[1, 12:22, 12:22] = 1.0
+  classifier = Classifier(_either_square_apply, jnp.asarray(squares), mean=(0.5,) * 3,
+                          std=(1.0,) * 3)
+  images = jnp.full((1, size, size, 3), 0.5)
+  labels = jnp.zeros((1, size, size), jnp.int32)
+  config = PerturbConfig(steps=300, noise_samples=8, learning_rate=0.05,
+                         deletion_weight=deletion_weight)
+  saliency = np.asarray(perturb(classifier, images, labels, jax.random.key(0), config).saliency[0])
+  small, large = (saliency[squares[k, ..., 0] > 0].mean() for k in range(2))
+  background = saliency[squares.sum(0)[..., 0] == 0].mean()
+  assert background < 0.1, background
+  assert small > 0.5, small
+  if deletion_weight:
+    assert large > 0.5, large
+  else:
+    assert large < 0.3, large
 
 
 def _batch(seed=0, batch=2):
@@ -293,7 +333,8 @@ def test_sweep_members_equal_single_runs_with_one_compilation():
   base = dataclasses.replace(CONFIG, smoothness_weight=0.0)
   settings = {"mask_weight": [0.1, 1.0, 0.3], "smoothness_weight": [0.0, 0.5, 2.0],
               "sigma": [1.0, 2.0, 0.5], "learning_rate": [0.5, 0.1, 0.2], "max_w": [5.0, 1.0, 2.0],
-              "confidence_weight": [100.0, 10.0, 1.0], "consistency_weight": [1.0, 0.0, 3.0]}
+              "confidence_weight": [100.0, 10.0, 1.0], "consistency_weight": [1.0, 0.0, 3.0],
+              "deletion_weight": [0.0, 1.0, 0.5]}
   swept = perturb_sweep(classifier, images, labels, jax.random.key(2), base, settings)
   assert swept.w.shape == (3, 2, SIZE, SIZE, 3) and swept.losses.shape == (3, 2, 3)
   compiled_once = len(traces)
