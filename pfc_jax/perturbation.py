@@ -57,6 +57,8 @@ Parameterization = Literal["pixel", "region", "lowres", "guided"]
 _PARAMETERIZATIONS = ("pixel", "region", "lowres", "guided")
 Confidence = Literal["hinge", "log_softmax"]
 _CONFIDENCES = ("hinge", "log_softmax")
+Schedule = Literal["constant", "cosine"]
+_SCHEDULES = ("constant", "cosine")
 # Keeps the Gaussian-weighted coalition mean finite far from a coalition, where the
 # weighted mask is zero; inside a coalition the weight is at least G's centre (0.159 for sigma 1).
 _COALITION_EPS = 1e-6
@@ -90,7 +92,13 @@ class PerturbConfig:
       rarely short, that loop makes convolutions much slower. None evaluates all S at once.
       Default None.
     steps: Adam steps. Default 500.
-    learning_rate: Adam learning rate. Default 1e-2.
+    learning_rate: Adam learning rate (the initial one under a decaying `schedule`).
+      Default 1e-2.
+    schedule: The learning rate over the steps: "constant" (as published) or "cosine"
+      (decays to 0 at the last step, `optax.cosine_decay_schedule`; Loshchilov and Hutter,
+      ICLR 2017). Each step's noise samples make the gradient noisy, so under a constant rate
+      the last iterate is one draw from a noisy stationary walk; a decaying rate lets the final
+      steps average that noise out. Default "constant".
     max_w: w is clipped to [0, max_w] after every step. Default 1.0.
     max_coalitions: Static upper bound on coalition labels: labels must lie in
       [0, max_coalitions). Default 20, the coalition network's channel count.
@@ -132,6 +140,7 @@ class PerturbConfig:
   noise_chunk: int | None = None
   steps: int = 500
   learning_rate: float = 1e-2
+  schedule: Schedule = "constant"
   max_w: float = 1.0
   max_coalitions: int = 20
   driver: _loop.Driver = "auto"
@@ -147,6 +156,8 @@ class PerturbConfig:
       raise ValueError(f"`consistency` must be one of {_CONSISTENCIES}, got {self.consistency!r}.")
     if self.confidence not in _CONFIDENCES:
       raise ValueError(f"`confidence` must be one of {_CONFIDENCES}, got {self.confidence!r}.")
+    if self.schedule not in _SCHEDULES:
+      raise ValueError(f"`schedule` must be one of {_SCHEDULES}, got {self.schedule!r}.")
     if self.parameterization not in _PARAMETERIZATIONS:
       raise ValueError(f"`parameterization` must be one of {_PARAMETERIZATIONS}, got "
                        f"{self.parameterization!r}.")
@@ -479,7 +490,9 @@ class _State(NamedTuple):
   step: jax.Array  # [] int32
 
 
-def _optimizer(learning_rate) -> optax.GradientTransformation:
+def _optimizer(config: PerturbConfig, learning_rate) -> optax.GradientTransformation:
+  if config.schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(learning_rate, config.steps)
   return optax.adam(learning_rate)
 
 
@@ -495,7 +508,7 @@ def _initial_state(config: PerturbConfig, classifier: Classifier, inputs) -> _St
     regions = regions_lib.region_ids(labels, config.max_regions, config.max_coalitions)
   theta = jnp.zeros(parameter_shape(config, *x.shape[:2]), x.dtype)
   return _State(x, labels, regions, target, probs[target], key, hyper, theta,
-                _optimizer(0.0).init(theta), jnp.zeros((), jnp.int32))  # init ignores the rate
+                _optimizer(config, 0.0).init(theta), jnp.zeros((), jnp.int32))  # init ignores the rate
 
 
 def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:
@@ -504,7 +517,7 @@ def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple
                             (config.noise_samples, *state.x.shape), state.x.dtype)
   total, grad = _loss_and_grad(state.theta, state.regions, state.x, noise, state.labels,
                                state.target, classifier, config, state.hyper)
-  updates, opt_state = _optimizer(state.hyper.learning_rate).update(
+  updates, opt_state = _optimizer(config, state.hyper.learning_rate).update(
       grad, state.opt_state, state.theta)
   theta = jnp.clip(optax.apply_updates(state.theta, updates), 0.0, state.hyper.max_w)
   return state._replace(theta=theta, opt_state=opt_state, step=state.step + 1), total
@@ -632,8 +645,8 @@ def perturb_sweep(classifier: Classifier, images, labels, key, config: PerturbCo
     classifier, images, labels, key: As for `perturb`.
     config: The base settings (structure: parameterization, consistency variant, steps, S).
     settings: `{field: [K values]}` for fields in `SWEEPABLE` (`mask_weight`,
-      `confidence_weight`, `consistency_weight`, `smoothness_weight`, `sigma`, `max_w`,
-      `learning_rate`).
+      `confidence_weight`, `consistency_weight`, `smoothness_weight`, `deletion_weight`,
+      `sigma`, `max_w`, `learning_rate`).
 
   Returns:
     A `Perturbation` whose arrays have leading `[K, B]` axes.

@@ -215,6 +215,20 @@ def test_the_deletion_term_marks_redundant_evidence(deletion_weight):
     assert large < 0.3, large
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(schedule):
+  # With the mask term alone the gradient is a constant, so each Adam step moves w by exactly
+  # the step's learning rate: w after N steps is the sum of the schedule's rates.
+  steps, rate = 6, 0.3
+  config = PerturbConfig(steps=steps, learning_rate=rate, schedule=schedule, mask_weight=1.0,
+                         confidence_weight=0.0, consistency="off", max_w=100.0, noise_samples=2)
+  images, labels = _batch()
+  w = perturb(_tiny_classifier(), images, labels, jax.random.key(0), config).w
+  factors = (np.ones(steps) if schedule == "constant"
+             else 0.5 * (1 + np.cos(np.pi * np.arange(steps) / steps)))
+  np.testing.assert_allclose(w, np.full(w.shape, rate * factors.sum()), rtol=1e-4)
+
+
 def _batch(seed=0, batch=2):
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE, 3)), jnp.float32)
@@ -278,6 +292,8 @@ def test_rejects_bad_arguments():
     PerturbConfig(noise_samples=16, noise_chunk=5)
   with pytest.raises(ValueError, match="consistency"):
     PerturbConfig(consistency="paper")
+  with pytest.raises(ValueError, match="schedule"):
+    PerturbConfig(schedule="linear")
 
 
 def test_region_noise_is_constant_on_each_connected_region():
