@@ -84,6 +84,8 @@ PFC_MODIFIERS = {
     "guided": ("perturb", "parameterization", "guided"),
     "hinge": ("perturb", "confidence", "hinge"),
     "log_softmax": ("perturb", "confidence", "log_softmax"),
+    "constant": ("perturb", "schedule", "constant"),
+    "cosine": ("perturb", "schedule", "cosine"),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.

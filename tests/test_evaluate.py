@@ -77,7 +77,8 @@ def test_markdown_table_has_one_row_per_method():
   assert lines[2] == "| a | 12.35 | 0.123 | 2 |"
 
 
-@pytest.mark.parametrize("name", ["nope", "pfc-bogus", "pfc-coalition-off", "pfc-fast-paper"])
+@pytest.mark.parametrize("name", ["nope", "pfc-bogus", "pfc-coalition-off", "pfc-fast-paper",
+                                  "pfc-cosine-constant"])
 def test_bad_method_names_raise(name):
   with pytest.raises(ValueError, match="method"):
     evaluation.method_spec(name, "fast")
@@ -90,6 +91,8 @@ def test_pfc_method_names_edit_the_preset():
   assert config.perturb == dataclasses.replace(paper.perturb, consistency="coalition")
   assert config.coalitions == dataclasses.replace(paper.coalitions, init="vgg16")
   assert evaluation.method_spec("pfc", "tiny")[1] == ExplainConfig.preset("tiny")
+  assert evaluation.method_spec("pfc-cosine", "fast")[1].perturb == dataclasses.replace(
+      ExplainConfig.preset("fast").perturb, schedule="cosine")
   assert evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-vgg16init",)))
   assert not evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-off", "gradcam")))
 
