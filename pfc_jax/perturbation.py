@@ -100,6 +100,10 @@ class PerturbConfig:
       the last iterate is one draw from a noisy stationary walk; a decaying rate lets the final
       steps average that noise out. Default "constant".
     max_w: w is clipped to [0, max_w] after every step. Default 1.0.
+    noise_sigma: Spatial correlation of eps, in pixels: 0 draws eps i.i.d. per pixel (as
+      published); s > 0 convolves i.i.d. normal samples with a Gaussian of standard deviation
+      s (truncated at 2 s) and rescales them to unit variance, so that eps stays N(0, 1) at
+      each pixel but varies smoothly, like a blur rather than a texture. Default 0.0.
     max_coalitions: Static upper bound on coalition labels: labels must lie in
       [0, max_coalitions). Default 20, the coalition network's channel count.
     driver: Loop driver, see `pfc_jax._loop.resolve_driver`: "auto" (Python step loop on
@@ -142,6 +146,7 @@ class PerturbConfig:
   learning_rate: float = 1e-2
   schedule: Schedule = "constant"
   max_w: float = 1.0
+  noise_sigma: float = 0.0
   max_coalitions: int = 20
   driver: _loop.Driver = "auto"
   parameterization: Parameterization = "pixel"
@@ -166,6 +171,8 @@ class PerturbConfig:
         raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
     if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(f"`kernel_size` must be a positive odd int, got {self.kernel_size!r}.")
+    if not self.noise_sigma >= 0:
+      raise ValueError(f"`noise_sigma` must be >= 0, got {self.noise_sigma!r}.")
     for name in ("sigma", "learning_rate", "max_w"):
       if not getattr(self, name) > 0:
         raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}.")
@@ -511,10 +518,24 @@ def _initial_state(config: PerturbConfig, classifier: Classifier, inputs) -> _St
                 _optimizer(config, 0.0).init(theta), jnp.zeros((), jnp.int32))  # init ignores the rate
 
 
+def sample_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+  """The S noise samples eps of one step: `[noise_samples, *shape] float32`, N(0, 1) at each
+  pixel, spatially correlated when `config.noise_sigma > 0` (see `PerturbConfig`)."""
+  if not config.noise_sigma:
+    return jax.random.normal(key, (config.noise_samples, *shape))
+  radius = max(1, int(round(2 * config.noise_sigma)))
+  factor = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * config.noise_sigma**2))
+  factor = (factor / np.sqrt((factor**2).sum())).astype(np.float32)  # unit variance per axis
+  height, width, channels = shape
+  white = jax.random.normal(
+      key, (config.noise_samples, height + 2 * radius, width + 2 * radius, channels))
+  rows = sum(f * white[:, i:i + height] for i, f in enumerate(factor))
+  return sum(f * rows[:, :, i:i + width] for i, f in enumerate(factor))
+
+
 def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:
   """One Adam step of one image; returns the new state and the objective `[]`."""
-  noise = jax.random.normal(jax.random.fold_in(state.key, state.step),
-                            (config.noise_samples, *state.x.shape), state.x.dtype)
+  noise = sample_noise(config, jax.random.fold_in(state.key, state.step), state.x.shape)
   total, grad = _loss_and_grad(state.theta, state.regions, state.x, noise, state.labels,
                                state.target, classifier, config, state.hyper)
   updates, opt_state = _optimizer(config, state.hyper.learning_rate).update(

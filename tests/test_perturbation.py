@@ -229,6 +229,27 @@ def test_learning_rate_schedule(schedule):
   np.testing.assert_allclose(w, np.full(w.shape, rate * factors.sum()), rtol=1e-4)
 
 
+def test_correlated_noise_is_white_noise_blurred_to_unit_variance():
+  from pfc_jax.perturbation import sample_noise
+  key, shape = jax.random.key(3), (12, 10, 3)
+  np.testing.assert_array_equal(sample_noise(PerturbConfig(noise_samples=2), key, shape),
+                                jax.random.normal(key, (2, *shape)))
+  sigma, radius = 1.5, 3
+  noise = np.asarray(sample_noise(PerturbConfig(noise_samples=2, noise_sigma=sigma), key, shape))
+  white = np.asarray(jax.random.normal(key, (2, 12 + 2 * radius, 10 + 2 * radius, 3)), np.float64)
+  g = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+  kernel = np.outer(g, g) / (g**2).sum()  # sum of squares 1: unit variance
+  expected = np.zeros((2, 12, 10, 3))
+  for dy in range(2 * radius + 1):
+    for dx in range(2 * radius + 1):
+      expected += kernel[dy, dx] * white[:, dy:dy + 12, dx:dx + 10]
+  np.testing.assert_allclose(noise, expected, rtol=1e-5, atol=1e-5)
+  many = np.asarray(sample_noise(PerturbConfig(noise_samples=256, noise_sigma=sigma), key, shape))
+  assert abs(many.std() - 1.0) < 0.03, many.std()
+  with pytest.raises(ValueError, match="noise_sigma"):
+    PerturbConfig(noise_sigma=-1.0)
+
+
 def _batch(seed=0, batch=2):
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE, 3)), jnp.float32)
