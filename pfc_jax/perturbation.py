@@ -70,8 +70,8 @@ class PerturbConfig:
 
   Attributes:
     mask_weight: lambda_r, weight of the mask term -mean(w). Default 0.1.
-    confidence_weight: mu, weight of the logit hinge that keeps the target class on top.
-      Default 100.0.
+    confidence_weight: mu, weight of the confidence term that keeps the target class (the
+      logit hinge or the log-softmax, see `confidence`). Default 100.0.
     consistency_weight: v, weight of the consistency term. Default 1.0.
     smoothness_weight: c, weight of the Laplacian smoothness term (off in the demo). Default 0.0.
     deletion_weight: Weight of the deletion term (the deletion game, see `objective`): the
@@ -82,7 +82,8 @@ class PerturbConfig:
       depend on the coalitions, see `objective`), "coalition" (Gaussian-weighted deviation of w
       from its mean inside each coalition) or "off" (term is zero; the ablation).
       Default "published".
-    sigma: Standard deviation of the Gaussian, in pixels. Default 1.0.
+    sigma: Standard deviation of the consistency term's Gaussian G, in pixels (not the
+      noise's, see `noise_sigma`). Default 1.0.
     kernel_size: Side of the (odd, square) Gaussian kernel. Default 5.
     noise_samples: S, noise samples drawn per step. Default 16.
     noise_chunk: Evaluate the S samples in chunks of this many, accumulating gradients
@@ -95,7 +96,7 @@ class PerturbConfig:
     learning_rate: Adam learning rate (the initial one under a decaying `schedule`).
       Default 1e-2.
     schedule: The learning rate over the steps: "constant" (as published) or "cosine"
-      (decays to 0 at the last step, `optax.cosine_decay_schedule`; Loshchilov and Hutter,
+      (decays towards 0 over the steps, `optax.cosine_decay_schedule`; Loshchilov and Hutter,
       ICLR 2017). Each step's noise samples make the gradient noisy, so under a constant rate
       the last iterate is one draw from a noisy stationary walk; a decaying rate lets the final
       steps average that noise out. Default "constant".

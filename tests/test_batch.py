@@ -175,3 +175,13 @@ def test_first_layout_folder_is_read_and_resumed(tmp_path):
       out / "results-00000004-00000004.npz")["failed_reasons"][0]}
   assert list(io.read_results(out)) == ids
   assert json.loads((out / io.MANIFEST_NAME).read_text())["format"] == 1
+
+
+def test_image_size_defaults_to_the_models_own(tmp_path, capsys):
+  _write_images(tmp_path / "in", 1)
+  args = ["--images", str(tmp_path / "in"), "--model", "shapes_cnn", "--preset", "tiny",
+          "--no-progress"]
+  assert run_batch_command([*args, "--out", str(tmp_path / "out")]) == 0
+  assert io.read_results(tmp_path / "out")["img00"]["saliency"].shape == (64, 64)
+  assert run_batch_command([*args, "--out", str(tmp_path / "bad"), "--image-size", "4"]) == 2
+  assert "`--image-size` must be at least 8" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from pfc_jax import batch, io, models, parallel, sources, weights
 from pfc_jax.commands._common import load_weights
-from pfc_jax.explain import ExplainConfig
+from pfc_jax.explain import PRESETS, ExplainConfig
 
 
 def add_parser(subparsers) -> None:
@@ -42,8 +42,10 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--weights", metavar="FILE",
                       help="Weights file (.safetensors, .pth, .h5) or orbax directory; default: "
                            "shapes_cnn's packaged weights, or the cached download of the others.")
-  parser.add_argument("--preset", default="fast", help="ExplainConfig preset: paper, fast or tiny.")
-  parser.add_argument("--image-size", type=int, default=224, help="Side of the square input, pixels.")
+  parser.add_argument("--preset", default="fast", choices=PRESETS, help="ExplainConfig preset.")
+  parser.add_argument("--image-size", type=int,
+                      help="Side of the square input in pixels, at least 8; default: the "
+                           "model's own.")
   parser.add_argument("--chunk-size", type=int,
                       help="Images explained together over every device, and saved together; "
                            "default: one per device on the CPU (as fast, and each image is saved "
@@ -93,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"`--chunk-size` must be at least 1, got {args.chunk_size}.")
   if args.distributed:
     parallel.initialize_distributed(*cluster)
+  if args.image_size is not None and args.image_size < 8:
+    raise ValueError(f"`--image-size` must be at least 8 pixels, got {args.image_size}.")
   config = ExplainConfig.preset(args.preset)
-  source = sources.from_args(args.images, args.tfds, args.split, args.data_dir, args.image_size)
+  source = sources.from_args(args.images, args.tfds, args.split, args.data_dir,
+                             args.image_size or models.input_size(args.model))
   variables = load_weights(args.model, args.weights)
   vgg_params = None
   if config.coalitions.init == "vgg16":

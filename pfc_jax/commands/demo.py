@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     records.append({
         "label": label,
         **explain_command.write_explanation(out, stem, image, result, i, class_names,
-                                            f"{label}: predicted ", image=image,
+                                            f"true {label}, ", image=image,
                                             mask=bench.masks[i]),
         "pointing_hit": bool(hits[i]), "relevance_mass": float(mass[i])})
   io.write_json(out / "summary.json", {

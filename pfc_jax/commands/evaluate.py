@@ -22,8 +22,9 @@ def add_parser(subparsers) -> None:
           "Runs each method on each image (explaining the predicted class), computes the metrics "
           "of --protocols (default: Average Drop, Increase in Confidence, deletion/insertion AUC) "
           "and, on the shapes benchmark, pointing game and relevance mass; writes the means to "
-          "--out and prints them as a Markdown table. PFC methods: pfc[-MODIFIER...][-tiny|-fast|"
-          "-paper] with modifiers " + ", ".join(sorted(evaluation.PFC_MODIFIERS)) + "."))
+          "--out and prints them as a Markdown table. PFC methods: pfc[-MODIFIER...][-PRESET] with "
+          "PRESET one of " + ", ".join(evaluation.PRESETS) + " (default: --preset) and modifiers "
+          + ", ".join(sorted(evaluation.PFC_MODIFIERS)) + ", e.g. pfc-region-fast_lowres."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")

@@ -92,7 +92,7 @@ def write_explanation(out: Path, stem: str, image01: np.ndarray, result, index: 
   class_name = class_names[target] if target < len(class_names) else str(target)
   viz.save_png(out / f"{stem}.png", viz.panel(
       image01, result.labels[index], result.saliency[index],
-      f"{title_prefix}{class_name} {prob:.2f}"))
+      f"{title_prefix}predicted {class_name} (p = {prob:.2f})"))
   io.write_npz(out / f"{stem}.npz", saliency=result.saliency[index], w=result.w[index],
                labels=result.labels[index], target=np.int32(target), probs=np.float32(prob),
                **extra_arrays)
