@@ -392,6 +392,13 @@ def parameter_shape(config: PerturbConfig, height: int, width: int) -> tuple[int
   return (height, width, 3)
 
 
+def _truncated_gaussian(sigma: float) -> np.ndarray:
+  """`[2 r + 1] float64` unnormalised 1-D Gaussian exp(-d^2 / (2 sigma^2)), r = round(2 sigma)
+  (at least 1): the window of `coalition_smoothing` and of correlated noise."""
+  radius = max(1, int(round(2 * sigma)))
+  return np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+
+
 def coalition_smoothing(field: jax.Array, labels: jax.Array, num_coalitions: int,
                         sigma: float) -> jax.Array:
   """Smooths `field [H, W, C]` inside each coalition only (normalised convolution).
@@ -412,9 +419,8 @@ def coalition_smoothing(field: jax.Array, labels: jax.Array, num_coalitions: int
     `[H, W, C] float32`.
   """
   height, width, channels = field.shape
-  radius = max(1, int(round(2 * sigma)))
-  factor = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2)).astype(np.float32)
-  factor /= factor.sum()
+  factor = _truncated_gaussian(sigma)
+  factor = (factor / factor.sum()).astype(np.float32)
   masks = jax.nn.one_hot(labels, num_coalitions, dtype=field.dtype)  # [H, W, K]
 
   def smooth(x):
@@ -524,9 +530,9 @@ def sample_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, i
   pixel, spatially correlated when `config.noise_sigma > 0` (see `PerturbConfig`)."""
   if not config.noise_sigma:
     return jax.random.normal(key, (config.noise_samples, *shape))
-  radius = max(1, int(round(2 * config.noise_sigma)))
-  factor = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * config.noise_sigma**2))
+  factor = _truncated_gaussian(config.noise_sigma)
   factor = (factor / np.sqrt((factor**2).sum())).astype(np.float32)  # unit variance per axis
+  radius = len(factor) // 2
   height, width, channels = shape
   white = jax.random.normal(
       key, (config.noise_samples, height + 2 * radius, width + 2 * radius, channels))
