@@ -120,13 +120,17 @@ class Explanation(NamedTuple):
   w: jax.Array
 
 
+def stage_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-image keys `[B]` -> `(coalition keys [B], perturbation keys [B])`, each image's key
+  folded with 0 and with 1, as `explain` and `explain_sweep` use them."""
+  return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys, stage) for stage in (0, 1))
+
+
 def _coalitions_and_perturb_keys(images, key, config: ExplainConfig, vgg_params: Any):
   if not isinstance(config, ExplainConfig):
     raise ValueError(f"`config` must be an ExplainConfig, got {type(config).__name__}.")
   images = _inputs.check_images(images)
-  keys = _inputs.per_image_keys(key, images.shape[0])
-  coalition_keys, perturb_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, stage)
-                                  for stage in (0, 1))
+  coalition_keys, perturb_keys = stage_keys(_inputs.per_image_keys(key, images.shape[0]))
   return images, extract_coalitions(images, coalition_keys, config.coalitions, vgg_params), perturb_keys
 
 

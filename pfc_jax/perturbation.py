@@ -263,11 +263,15 @@ def _filter_channels(x: jax.Array, kernel) -> jax.Array:
   return sum(kernel[dy, dx] * padded[dy:dy + height, dx:dx + width] for dy, dx in taps)
 
 
-def _gaussian_filter(x: jax.Array, size: int, sigma) -> jax.Array:
-  """`x [H, W, K]` convolved per channel with `gaussian_kernel(size, sigma)`, zero padding, as
-  two 1-D passes (the Gaussian is separable; with zero padding the result is the same)."""
-  factor = _gaussian_factor(size, sigma)
+def _separable_filter(x: jax.Array, factor) -> jax.Array:
+  """`x [H, W, K]` convolved per channel with `outer(factor, factor)`, zero padding, as two 1-D
+  passes (with zero padding the result is the same as one 2-D pass)."""
   return _filter_channels(_filter_channels(x, factor[:, None]), factor[None, :])
+
+
+def _gaussian_filter(x: jax.Array, size: int, sigma) -> jax.Array:
+  """`x [H, W, K]` convolved per channel with `gaussian_kernel(size, sigma)`, zero padding."""
+  return _separable_filter(x, _gaussian_factor(size, sigma))
 
 
 def _published_consistency(w, masks, size, sigma):
@@ -422,13 +426,10 @@ def coalition_smoothing(field: jax.Array, labels: jax.Array, num_coalitions: int
   factor = _truncated_gaussian(sigma)
   factor = (factor / factor.sum()).astype(np.float32)
   masks = jax.nn.one_hot(labels, num_coalitions, dtype=field.dtype)  # [H, W, K]
-
-  def smooth(x):
-    return _filter_channels(_filter_channels(x, factor[:, None]), factor[None, :])
-
-  weighted = smooth((field[..., :, None] * masks[..., None, :]).reshape(
-      height, width, channels * num_coalitions)).reshape(height, width, channels, num_coalitions)
-  weight = smooth(masks)  # [H, W, K], > 0 at every pixel of coalition k (the centre tap)
+  weighted = _separable_filter((field[..., :, None] * masks[..., None, :]).reshape(
+      height, width, channels * num_coalitions), factor).reshape(
+          height, width, channels, num_coalitions)
+  weight = _separable_filter(masks, factor)  # [H, W, K], > 0 at every pixel of coalition k
   own = jnp.take_along_axis(weighted, jnp.clip(labels, 0, num_coalitions - 1)[:, :, None, None],
                             axis=-1)[..., 0]
   own_weight = jnp.take_along_axis(weight, jnp.clip(labels, 0, num_coalitions - 1)[:, :, None],
@@ -536,8 +537,10 @@ def sample_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, i
   height, width, channels = shape
   white = jax.random.normal(
       key, (config.noise_samples, height + 2 * radius, width + 2 * radius, channels))
-  rows = sum(f * white[:, i:i + height] for i, f in enumerate(factor))
-  return sum(f * rows[:, :, i:i + width] for i, f in enumerate(factor))
+  # Blurred over the padded field, then cropped: no output pixel sees the zero padding.
+  planes = jnp.moveaxis(white, 0, 2).reshape(height + 2 * radius, width + 2 * radius, -1)
+  blurred = _separable_filter(planes, factor)[radius:radius + height, radius:radius + width]
+  return jnp.moveaxis(blurred.reshape(height, width, config.noise_samples, channels), 2, 0)
 
 
 def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:

@@ -5,8 +5,8 @@
       --records docs/results/sweep_shapes_mask.jsonl
 
 Every combination of the `--sweep` values (fields of `pfc_jax.perturbation.SWEEPABLE`) is
-explained by one `pfc_jax.explain_sweep` call per batch: one compilation, K x B problems in one
-vmapped batch. `--num-channels 5,10,20` adds an outer loop over the coalition network's output
+explained as `pfc_jax.explain_sweep` would, by one `perturb_sweep` call per batch on the batch's
+coalitions: one compilation, K x B problems in one vmapped batch. `--num-channels 5,10,20` adds an outer loop over the coalition network's output
 channels l (the paper's open question 1; a structural setting, so one compilation per value).
 Photos: `--images DIR --labels CSV [--offset N --limit M]` instead of the shapes benchmark, e.g.
 the tuning runs of the README (rows 0-15):
@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
 from pathlib import Path
-
-import hashlib
 
 import jax
 import numpy as np
@@ -43,7 +42,7 @@ import numpy as np
 from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
-from pfc_jax.explain import ExplainConfig
+from pfc_jax.explain import ExplainConfig, stage_keys
 from pfc_jax.perturbation import perturb_sweep
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
@@ -79,13 +78,12 @@ def _load(args):
 
 
 def _coalition_labels(images, keys, indices, config, cache, cache_tag):
-  """`[B, H, W] int32` labels as `explain_sweep` computes them (key folded with 0), read from
+  """`[B, H, W] int32` labels as `explain_sweep` computes them (`explain.stage_keys`), read from
   or written to `cache/labels-{tag}-{index}.npz` when `cache` is given."""
   paths = [cache / f"labels-{cache_tag}-{i:08d}.npz" for i in indices] if cache else []
   if paths and all(p.exists() for p in paths):
     return np.stack([np.load(p)["labels"] for p in paths])
-  stage_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-  labels = np.asarray(extract_coalitions(images, stage_keys, config.coalitions).labels)
+  labels = np.asarray(extract_coalitions(images, stage_keys(keys)[0], config.coalitions).labels)
   for path, image_labels in zip(paths, labels):
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, labels=image_labels)
@@ -195,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
       labels_batch = _coalition_labels(images[batch], keys[batch], indices, config, cache,
                                        _cache_tag(config, header, images.shape[1:3]))
       result = perturb_sweep(classifier, images[batch], labels_batch,
-                             jax.vmap(jax.random.fold_in, (0, None))(keys[batch], 1),
+                             stage_keys(keys[batch])[1],
                              config.perturb, settings)
       road_keys = keys[batch] if args.road else None
       new = []
