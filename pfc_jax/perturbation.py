@@ -172,6 +172,9 @@ class PerturbConfig:
         raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
     if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(f"`kernel_size` must be a positive odd int, got {self.kernel_size!r}.")
+    for name in _TERMS:
+      if not getattr(self, f"{name}_weight") >= 0:  # also rejects NaN
+        raise ValueError(f"`{name}_weight` must be >= 0, got {getattr(self, f'{name}_weight')!r}.")
     if not self.noise_sigma >= 0:
       raise ValueError(f"`noise_sigma` must be >= 0, got {self.noise_sigma!r}.")
     for name in ("sigma", "learning_rate", "max_w"):
@@ -656,6 +659,9 @@ def sweep_settings(settings: Mapping[str, Sequence[float]]) -> int:
   for name in ("sigma", "max_w", "learning_rate"):
     if name in settings and not all(v > 0 for v in settings[name]):
       raise ValueError(f"`settings[{name!r}]` must be positive, got {list(settings[name])}.")
+  for name in settings:
+    if name.endswith("_weight") and not all(v >= 0 for v in settings[name]):
+      raise ValueError(f"`settings[{name!r}]` must be >= 0, got {list(settings[name])}.")
   return next(iter(lengths.values()))
 
 

@@ -27,7 +27,9 @@ import importlib.resources
 import importlib.util
 import os
 import pickle
+import socket
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -340,7 +342,17 @@ def _verify(path: Path, download: _Download) -> None:
 
 
 def _fetch(download: _Download, dest: Path) -> None:
-  """Downloads `download` to `dest`, unverified."""
+  """Downloads `download` to `dest`, unverified.
+
+  Raises:
+    OSError: the host's name does not resolve (no network: checked first, because the hub
+      client would retry a failed lookup for about 20 s), or the download fails.
+  """
+  host = urllib.parse.urlsplit(download.url).hostname
+  try:
+    socket.getaddrinfo(host, 443)
+  except OSError as e:  # socket.gaierror
+    raise OSError(f"cannot resolve {host} ({e})") from e
   if download.hub_repo:
     from huggingface_hub import hf_hub_download  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:

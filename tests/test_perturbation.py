@@ -315,6 +315,10 @@ def test_rejects_bad_arguments():
     PerturbConfig(consistency="paper")
   with pytest.raises(ValueError, match="schedule"):
     PerturbConfig(schedule="linear")
+  for name in ("mask_weight", "confidence_weight", "deletion_weight"):
+    for value in (-0.1, float("nan")):
+      with pytest.raises(ValueError, match=f"`{name}` must be >= 0"):
+        PerturbConfig(**{name: value})
 
 
 def test_region_noise_is_constant_on_each_connected_region():
@@ -391,7 +395,8 @@ def test_sweep_rejects_bad_settings():
   images, labels = _batch()
   for settings, match in (({}, "at least one"), ({"steps": [1, 2]}, "cannot be swept"),
                           ({"sigma": [1.0], "max_w": [1.0, 2.0]}, "same number"),
-                          ({"learning_rate": [0.1, -1.0]}, "positive")):
+                          ({"learning_rate": [0.1, -1.0]}, "positive"),
+                          ({"mask_weight": [0.1, -0.1]}, ">= 0")):
     with pytest.raises(ValueError, match=match):
       perturb_sweep(_tiny_classifier(), images, labels, jax.random.key(0), CONFIG, settings)
 

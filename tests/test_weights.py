@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import socket
 import sys
+import urllib.request
 
+import huggingface_hub
 import jax
 import numpy as np
 import pytest
@@ -340,3 +343,19 @@ def test_offline_error_says_what_to_fetch_and_where(tmp_path, monkeypatch):
   message = str(error.value)
   assert "https://huggingface.co/timm/vgg16.tv_in1k/resolve/main/model.safetensors" in message
   assert str(tmp_path / "downloads" / "vgg16.tv_in1k.safetensors") in message
+
+
+def test_unresolvable_host_fails_before_any_download(tmp_path, monkeypatch):
+  monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path))
+
+  def no_dns(host, port, *args, **kwargs):
+    raise socket.gaierror(-2, "Name or service not known")
+
+  def download(*args, **kwargs):
+    raise AssertionError("no download may start when the host does not resolve")
+
+  monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+  monkeypatch.setattr(urllib.request, "urlretrieve", download)
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+  with pytest.raises(FileNotFoundError, match="cannot resolve huggingface.co"):
+    weights.load("vgg16")
