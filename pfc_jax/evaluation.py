@@ -25,6 +25,7 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
   weights);
 - parameterization of w: `pixel` | `region` | `lowres` | `guided` (`PerturbConfig.parameterization`);
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
+- learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
   `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 

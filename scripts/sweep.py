@@ -21,6 +21,11 @@ Per-image scores go to `--records` (JSON lines, one per setting and image) as ea
 finishes; a rerun skips what is there, and the table of means is printed from the records.
 `--road` adds ROAD MoRF/LeRF (Rong et al. 2022, `pfc_jax.metrics.road`).
 
+`--saliency-sigma 0,4,8` scores each setting's w under several saliency readouts
+(`PerturbConfig.saliency_sigma`, `pfc_jax.perturbation.smooth_saliency`) at no further
+perturbation cost; each becomes a setting `...,saliency_sigma=S`, equal to the run with that
+field set.
+
 `--coalition-cache DIR` keeps each image's coalition labels in DIR (one `.npz` per image, keyed
 by the coalition settings, seed and data), so that runs of other perturbation variants on the
 same images skip the coalition stage; the labels are those `explain_sweep` would compute.
@@ -43,7 +48,7 @@ from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
 from pfc_jax.explain import ExplainConfig, stage_keys
-from pfc_jax.perturbation import perturb_sweep
+from pfc_jax.perturbation import perturb_sweep, smooth_saliency
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
           "road_morf", "road_lerf", "pointing_game", "relevance_mass")
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--records", required=True, help="JSON-lines file of per-image scores.")
   parser.add_argument("--road", action="store_true", help="Also score ROAD MoRF/LeRF.")
   parser.add_argument("--coalition-cache", help="Folder that keeps coalition labels per image.")
+  parser.add_argument("--saliency-sigma",
+                      help="Comma-separated saliency readout sigmas (pixels) scored for each setting.")
   args = parser.parse_args(argv)
 
   base = ExplainConfig.preset(args.preset)
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
   combos = [sum(parts, ()) for parts in itertools.product(*swept.values())]
   settings = {name: [float(c[i]) for c in combos] for i, name in enumerate(fields)}
   channel_values = [int(v) for v in args.num_channels.split(",")] if args.num_channels else [None]
+  readouts = [float(v) for v in args.saliency_sigma.split(",")] if args.saliency_sigma else [None]
+  if args.saliency_sigma and "saliency_sigma" in edits:
+    raise SystemExit("Give the saliency readout either in --perturb or in --saliency-sigma.")
   most = max([base.coalitions.num_channels] + [v for v in channel_values if v])
   base = dataclasses.replace(base, perturb=dataclasses.replace(
       base.perturb, **edits, max_coalitions=max(most, base.perturb.max_coalitions)))
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             "preset": args.preset, "perturb": edits}
   if args.road:
     header["road"] = True
+  if args.saliency_sigma:
+    header["saliency_sigma"] = readouts
   done = {}
   if records_path.exists():
     lines = records_path.read_text().splitlines()
@@ -184,11 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = [",".join(f"{n}={c[i]}" for i, n in enumerate(fields)) for c in combos]
     if channels is not None:
       labels = [f"num_channels={channels}," + label for label in labels]
-    names += labels
+    readout_labels = [[label if sigma is None else f"{label},saliency_sigma={sigma:g}"
+                       for sigma in readouts] for label in labels]
+    names += [name for group in readout_labels for name in group]
     for start in range(0, len(images), args.batch_size):
       batch = slice(start, min(start + args.batch_size, len(images)))
       indices = [first + i for i in range(batch.start, batch.stop)]
-      if all((label, i) in done for label in labels for i in indices):
+      if all((name, i) in done for group in readout_labels for name in group for i in indices):
         continue
       labels_batch = _coalition_labels(images[batch], keys[batch], indices, config, cache,
                                        _cache_tag(config, header, images.shape[1:3]))
@@ -197,11 +211,14 @@ def main(argv: list[str] | None = None) -> None:
                              config.perturb, settings)
       road_keys = keys[batch] if args.road else None
       new = []
-      for k, label in enumerate(labels):
-        scores = _scores(classifier, images[batch], result.saliency[k], result.target[k],
-                         None if masks is None else masks[batch], road_keys)
-        new += [{"setting": label, "index": index, **{m: float(v[j]) for m, v in scores.items()}}
-                for j, index in enumerate(indices)]
+      for k, group in enumerate(readout_labels):
+        for sigma, name in zip(readouts, group):
+          saliency = result.saliency[k] if sigma is None else jax.vmap(
+              smooth_saliency, (0, None))(1.0 - result.w[k].mean(axis=-1), sigma)
+          scores = _scores(classifier, images[batch], saliency, result.target[k],
+                           None if masks is None else masks[batch], road_keys)
+          new += [{"setting": name, "index": index, **{m: float(v[j]) for m, v in scores.items()}}
+                  for j, index in enumerate(indices)]
       with open(records_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in new)
         f.flush()

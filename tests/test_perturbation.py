@@ -250,6 +250,40 @@ def test_correlated_noise_is_white_noise_blurred_to_unit_variance():
     PerturbConfig(noise_sigma=-1.0)
 
 
+def test_saliency_smoothing_is_the_local_mean_inside_the_image():
+  from pfc_jax.perturbation import smooth_saliency
+  rng = np.random.default_rng(4)
+  saliency = rng.uniform(size=(9, 11)).astype(np.float32)
+  sigma, radius = 1.5, 3
+  g = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+  expected = np.zeros_like(saliency, np.float64)
+  for y in range(9):
+    for x in range(11):
+      total = weight = 0.0
+      for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+          if 0 <= y + dy < 9 and 0 <= x + dx < 11:
+            total += g[dy + radius] * g[dx + radius] * saliency[y + dy, x + dx]
+            weight += g[dy + radius] * g[dx + radius]
+      expected[y, x] = total / weight
+  np.testing.assert_allclose(smooth_saliency(jnp.asarray(saliency), sigma), expected, rtol=1e-5)
+  np.testing.assert_array_equal(smooth_saliency(jnp.asarray(saliency), 0.0), saliency)
+  with pytest.raises(ValueError, match="saliency_sigma"):
+    PerturbConfig(saliency_sigma=-1.0)
+
+
+def test_saliency_sigma_smooths_the_readout_not_w():
+  from pfc_jax.perturbation import smooth_saliency
+  images, labels = _batch()
+  plain, smooth = (perturb(_tiny_classifier(), images, labels, jax.random.key(5),
+                           dataclasses.replace(CONFIG, saliency_sigma=sigma))
+                   for sigma in (0.0, 2.0))
+  np.testing.assert_array_equal(plain.w, smooth.w)
+  np.testing.assert_allclose(smooth.saliency,
+                             jax.vmap(smooth_saliency, (0, None))(plain.saliency, 2.0), rtol=1e-6)
+  assert not np.allclose(smooth.saliency, plain.saliency)
+
+
 def _batch(seed=0, batch=2):
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.uniform(size=(batch, SIZE, SIZE, 3)), jnp.float32)

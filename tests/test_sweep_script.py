@@ -52,3 +52,23 @@ def test_run_from_cache_reproduces_run_without(tmp_path):
   assert len(plain) == 4 and {"road_morf", "road_lerf", "pointing_game"} <= set(plain[0])
   assert read("fill.jsonl") == plain
   assert read("from_cache.jsonl") == plain
+
+
+def test_saliency_readouts_equal_runs_with_that_readout(tmp_path):
+  common = ["--model", "shapes_cnn", "--num-images", "2", "--batch-size", "2", "--preset", "tiny",
+            "--sweep", "max_w=1,3"]
+  edits = ["steps=20", "learning_rate=0.5"]  # maps far from constant: no near ties
+  sweep.main(common + ["--records", str(tmp_path / "readouts.jsonl"), "--saliency-sigma", "0,2",
+                       "--perturb", *edits])
+  sweep.main(common + ["--records", str(tmp_path / "smooth.jsonl"),
+                       "--perturb", *edits, "saliency_sigma=2"])
+  read = lambda name: {(r["setting"], r["index"]): r for r in (
+      json.loads(line) for line in (tmp_path / name).read_text().splitlines()[1:])}
+  readouts, smooth = read("readouts.jsonl"), read("smooth.jsonl")
+  assert len(readouts) == 8
+  for (setting, index), record in smooth.items():
+    expected = readouts[(setting + ",saliency_sigma=2", index)]
+    for metric in ("insertion_auc", "relevance_mass", "average_drop"):
+      np.testing.assert_allclose(record[metric], expected[metric], rtol=1e-4, atol=1e-5)
+  assert any(readouts[(s, i)]["relevance_mass"] != readouts[(s.replace("=2", "=0"), i)]["relevance_mass"]
+             for s, i in readouts if s.endswith("saliency_sigma=2"))
