@@ -26,6 +26,7 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - parameterization of w: `pixel` | `region` | `lowres` | `guided` (`PerturbConfig.parameterization`);
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
+- saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
   `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -87,6 +88,7 @@ PFC_MODIFIERS = {
     "log_softmax": ("perturb", "confidence", "log_softmax"),
     "constant": ("perturb", "schedule", "constant"),
     "cosine": ("perturb", "schedule", "cosine"),
+    "smooth": ("perturb", "saliency_sigma", 8.0),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
