@@ -113,7 +113,8 @@ class PerturbConfig:
       0, inside which the ranking follows those fragments; the readout ranks the pixels by the
       evidence around them instead, so that the most relevant pixels form compact regions, as
       the removal metrics (ROAD, deletion) remove them. It blurs the map's edges at that scale.
-      Default 0.0.
+      Measured (README, "Candidates"): 8 px raised insertion on the tuning photos but not on the
+      held-out ones; on the shapes benchmark it raises insertion and relevance mass. Default 0.0.
     max_coalitions: Static upper bound on coalition labels: labels must lie in
       [0, max_coalitions). Default 20, the coalition network's channel count.
     driver: Loop driver, see `pfc_jax._loop.resolve_driver`: "auto" (Python step loop on
@@ -413,7 +414,7 @@ def parameter_shape(config: PerturbConfig, height: int, width: int) -> tuple[int
 
 def _truncated_gaussian(sigma: float) -> np.ndarray:
   """`[2 r + 1] float64` unnormalised 1-D Gaussian exp(-d^2 / (2 sigma^2)), r = round(2 sigma)
-  (at least 1): the window of `coalition_smoothing` and of correlated noise."""
+  (at least 1): the window of `coalition_smoothing`, `smooth_saliency` and correlated noise."""
   radius = max(1, int(round(2 * sigma)))
   return np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
 
