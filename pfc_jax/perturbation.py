@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Literal, Mapping, NamedTuple, Sequence
 
 import jax
@@ -187,7 +188,7 @@ class PerturbConfig:
       if not getattr(self, f"{name}_weight") >= 0:  # also rejects NaN
         raise ValueError(f"`{name}_weight` must be >= 0, got {getattr(self, f'{name}_weight')!r}.")
     for name in ("noise_sigma", "saliency_sigma"):
-      if not getattr(self, name) >= 0:
+      if not (isinstance(getattr(self, name), numbers.Real) and getattr(self, name) >= 0):
         raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
     for name in ("sigma", "learning_rate", "max_w"):
       if not getattr(self, name) > 0:
@@ -580,7 +581,12 @@ def smooth_saliency(saliency: jax.Array, sigma: float) -> jax.Array:
 
   Returns:
     `[H, W] float32`.
+
+  Raises:
+    ValueError: for a negative or non-numeric `sigma`.
   """
+  if not (isinstance(sigma, numbers.Real) and sigma >= 0):
+    raise ValueError(f"`sigma` must be a number >= 0 (pixels), got {sigma!r}.")
   if not sigma:
     return saliency
   factor = _truncated_gaussian(sigma).astype(np.float32)

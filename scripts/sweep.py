@@ -48,7 +48,7 @@ from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
 from pfc_jax.explain import ExplainConfig, stage_keys
-from pfc_jax.perturbation import perturb_sweep, smooth_saliency
+from pfc_jax.perturbation import perturb_sweep, smooth_saliency, sweep_settings
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
           "road_morf", "road_lerf", "pointing_game", "relevance_mass")
@@ -152,9 +152,20 @@ def main(argv: list[str] | None = None) -> None:
   combos = [sum(parts, ()) for parts in itertools.product(*swept.values())]
   settings = {name: [float(c[i]) for c in combos] for i, name in enumerate(fields)}
   channel_values = [int(v) for v in args.num_channels.split(",")] if args.num_channels else [None]
-  readouts = [float(v) for v in args.saliency_sigma.split(",")] if args.saliency_sigma else [None]
-  if args.saliency_sigma and "saliency_sigma" in edits:
-    raise SystemExit("Give the saliency readout either in --perturb or in --saliency-sigma.")
+  readouts = [None]
+  if args.saliency_sigma:
+    try:
+      readouts = [float(v) for v in args.saliency_sigma.split(",")]
+    except ValueError:
+      readouts = []
+    if not readouts or not all(v >= 0 for v in readouts):
+      raise SystemExit(f"--saliency-sigma must be comma-separated numbers >= 0, got {args.saliency_sigma!r}.")
+    if "saliency_sigma" in edits:
+      raise SystemExit("Give the saliency readout either in --perturb or in --saliency-sigma.")
+  try:  # before the records file is started
+    sweep_settings(settings)
+  except ValueError as e:
+    raise SystemExit(f"--sweep: {e}") from e
   most = max([base.coalitions.num_channels] + [v for v in channel_values if v])
   base = dataclasses.replace(base, perturb=dataclasses.replace(
       base.perturb, **edits, max_coalitions=max(most, base.perturb.max_coalitions)))

@@ -268,8 +268,11 @@ def test_saliency_smoothing_is_the_local_mean_inside_the_image():
       expected[y, x] = total / weight
   np.testing.assert_allclose(smooth_saliency(jnp.asarray(saliency), sigma), expected, rtol=1e-5)
   np.testing.assert_array_equal(smooth_saliency(jnp.asarray(saliency), 0.0), saliency)
-  with pytest.raises(ValueError, match="saliency_sigma"):
-    PerturbConfig(saliency_sigma=-1.0)
+  for bad in (-1.0, "4"):
+    with pytest.raises(ValueError, match="saliency_sigma"):
+      PerturbConfig(saliency_sigma=bad)
+    with pytest.raises(ValueError, match="sigma"):
+      smooth_saliency(jnp.asarray(saliency), bad)
 
 
 def test_saliency_sigma_smooths_the_readout_not_w():

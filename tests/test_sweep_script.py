@@ -72,3 +72,13 @@ def test_saliency_readouts_equal_runs_with_that_readout(tmp_path):
       np.testing.assert_allclose(record[metric], expected[metric], rtol=1e-4, atol=1e-5)
   assert any(readouts[(s, i)]["relevance_mass"] != readouts[(s.replace("=2", "=0"), i)]["relevance_mass"]
              for s, i in readouts if s.endswith("saliency_sigma=2"))
+
+
+def test_bad_settings_stop_before_the_records_file_is_started(tmp_path):
+  common = ["--model", "shapes_cnn", "--num-images", "1", "--preset", "tiny"]
+  for extra, match in ((["--sweep", "max_w=5", "--saliency-sigma", "-1"], "saliency-sigma"),
+                       (["--sweep", "max_w=5", "--saliency-sigma", "abc"], "saliency-sigma"),
+                       (["--sweep", "mask_weight=-1"], "mask_weight")):
+    with pytest.raises(SystemExit, match=match):
+      sweep.main(common + extra + ["--records", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()

@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
           "and, on the shapes benchmark, pointing game and relevance mass; writes the means to "
           "--out and prints them as a Markdown table. PFC methods: pfc[-MODIFIER...][-PRESET] with "
           "PRESET one of " + ", ".join(evaluation.PRESETS) + " (default: --preset) and modifiers "
-          + ", ".join(sorted(evaluation.PFC_MODIFIERS)) + ", e.g. pfc-region-fast_lowres."))
+          + ", ".join(f"{name} ({field}={value})" for name, (_, field, value)
+                      in sorted(evaluation.PFC_MODIFIERS.items()))
+          + ", e.g. pfc-region-fast_lowres."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
