@@ -595,11 +595,17 @@ def smooth_saliency(saliency: jax.Array, sigma: float) -> jax.Array:
   return total / weight
 
 
+def saliency_map(w: jax.Array, saliency_sigma: float = 0.0) -> jax.Array:
+  """PFC's saliency of one image, `[H, W] float32`: 1 - mean over channels of `w [H, W, 3]`,
+  smoothed by `smooth_saliency` when `saliency_sigma` > 0 (`PerturbConfig.saliency_sigma`)."""
+  return smooth_saliency(1.0 - w.mean(axis=-1), saliency_sigma)
+
+
 def _final_noise_scale(config: PerturbConfig, classifier: Classifier, state: _State):
   """`(w [H, W, 3], saliency [H, W], target [], probs [])` of one image."""
   del classifier
   w = noise_scale(config, state.theta, state.x.shape[:2], state.regions, state.labels)
-  return w, smooth_saliency(1.0 - w.mean(axis=-1), config.saliency_sigma), state.target, state.probs
+  return w, saliency_map(w, config.saliency_sigma), state.target, state.probs
 
 
 # One image's perturbation for `pfc_jax._loop.run_images`: inputs `(image, labels, key,

@@ -346,13 +346,15 @@ def _fetch(download: _Download, dest: Path) -> None:
 
   Raises:
     OSError: the host's name does not resolve (no network: checked first, because the hub
-      client would retry a failed lookup for about 20 s), or the download fails.
+      client would retry a failed lookup for about 20 s; not checked behind a proxy, which
+      resolves it), or the download fails.
   """
-  host = urllib.parse.urlsplit(download.url).hostname
-  try:
-    socket.getaddrinfo(host, 443)
-  except OSError as e:  # socket.gaierror
-    raise OSError(f"cannot resolve {host} ({e})") from e
+  parts = urllib.parse.urlsplit(download.url)
+  if parts.scheme not in urllib.request.getproxies():
+    try:
+      socket.getaddrinfo(parts.hostname, 443)
+    except OSError as e:  # socket.gaierror
+      raise OSError(f"cannot resolve {parts.hostname} ({e})") from e
   if download.hub_repo:
     from huggingface_hub import hf_hub_download  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:

@@ -48,7 +48,7 @@ from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
 from pfc_jax.explain import ExplainConfig, stage_keys
-from pfc_jax.perturbation import perturb_sweep, smooth_saliency, sweep_settings
+from pfc_jax.perturbation import perturb_sweep, saliency_map, sweep_settings
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
           "road_morf", "road_lerf", "pointing_game", "relevance_mass")
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
       for k, group in enumerate(readout_labels):
         for sigma, name in zip(readouts, group):
           saliency = result.saliency[k] if sigma is None else jax.vmap(
-              smooth_saliency, (0, None))(1.0 - result.w[k].mean(axis=-1), sigma)
+              saliency_map, (0, None))(result.w[k], sigma)
           scores = _scores(classifier, images[batch], saliency, result.target[k],
                            None if masks is None else masks[batch], road_keys)
           new += [{"setting": name, "index": index, **{m: float(v[j]) for m, v in scores.items()}}

@@ -347,6 +347,8 @@ def test_offline_error_says_what_to_fetch_and_where(tmp_path, monkeypatch):
 
 def test_unresolvable_host_fails_before_any_download(tmp_path, monkeypatch):
   monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path))
+  for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(name, raising=False)
 
   def no_dns(host, port, *args, **kwargs):
     raise socket.gaierror(-2, "Name or service not known")
