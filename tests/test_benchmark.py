@@ -60,3 +60,18 @@ def test_smoke_run_reports_every_figure(tmp_path):
   cnn = _conv_flops([(16, 3, 3, 8), (16, 3, 8, 8), (8, 3, 8, 16), (8, 3, 16, 16),
                      (4, 3, 16, 32), (4, 3, 32, 32)])
   assert 1.7 < row["gflop_per_image"]["perturbation"] * 1e9 / (3 * 2 * cnn) < 2.3
+
+
+def test_flops_fall_back_to_the_compiled_count(monkeypatch):
+  """Where the lowered program reports no cost (XLA:GPU), the compiled program's count is used."""
+  import _xla_cost  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  def matmul(a, b):
+    return a @ b
+
+  operands = (jnp.ones((8, 16)), jnp.ones((16, 4)))
+  assert _xla_cost.flops(matmul, *operands) == pytest.approx(2 * 8 * 16 * 4)
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  assert _xla_cost.flops(matmul, *operands) == pytest.approx(2 * 8 * 16 * 4)
