@@ -73,8 +73,9 @@ class CoalitionConfig:
       `"auto"` (sequential on CPU, map elsewhere). "auto".
     driver: Step loop driver of `pfc_jax._loop.run_loop`: `"compiled"`, `"python"` or `"auto"`
       (python on CPU, compiled elsewhere); `"map"` is always compiled. "auto".
-    precision: `"float32"`, or `"bfloat16"`: the network computes in bfloat16, its parameters,
-      SGD state and loss stay float32 (`pfc_jax._precision`). "float32".
+    precision: `"float32"`, `"bfloat16"` (the network computes in bfloat16, its parameters,
+      SGD state and loss stay float32) or `"auto"` (bfloat16 on GPU/TPU, float32 on CPU;
+      `pfc_jax._precision`). "auto".
   """
 
   num_channels: int = 20
@@ -90,7 +91,7 @@ class CoalitionConfig:
   width: float = 1.0
   batching: _loop.Batching = "auto"
   driver: _loop.Driver = "auto"
-  precision: _precision.Precision = "float32"
+  precision: _precision.Precision = "auto"
 
   def __post_init__(self):
     if self.num_channels < 2:

@@ -139,9 +139,10 @@ class PerturbConfig:
       "auto" (sequential on CPU, map elsewhere). Under "sequential" and "map" an image's result
       does not depend on its batch, to float32 equality; under "vmap" up to float rounding.
       Default "auto".
-    precision: "float32", or "bfloat16": the classifier under the noise computes in bfloat16
-      while w, the Adam state, the objective and its gradient stay float32; the clean
-      prediction (target, probs) is always float32 (`pfc_jax._precision`). Default "float32".
+    precision: "float32", "bfloat16" (the classifier under the noise computes in bfloat16
+      while w, the Adam state, the objective and its gradient stay float32) or "auto"
+      (bfloat16 on GPU/TPU, float32 on CPU). The clean prediction (target, probs) is always
+      float32 (`pfc_jax._precision`). Default "auto".
   """
 
   mask_weight: float = 0.1
@@ -167,7 +168,7 @@ class PerturbConfig:
   lowres_stride: int = 8
   confidence: Confidence = "hinge"
   batching: _loop.Batching = "auto"
-  precision: _precision.Precision = "float32"
+  precision: _precision.Precision = "auto"
 
   def __post_init__(self):
     if self.consistency not in _CONSISTENCIES:

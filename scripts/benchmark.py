@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pfc_jax import _loop, coalitions, models, perturbation, sources, weights
+from pfc_jax import _loop, _precision, coalitions, models, perturbation, sources, weights
 from pfc_jax.explain import PRESETS, ExplainConfig
 from _xla_cost import flops
 
@@ -96,13 +96,13 @@ def _config(preset: str, max_steps: int | None, precision: str, batching: str):
 def _image_gflop(config: ExplainConfig, classifier, image, labels, key, coalition_steps: float):
   """GFLOP of one image's coalitions (`coalition_steps` steps) and perturbation, from XLA."""
   training = coalitions.image_training(config.coalitions)
-  state = training.init(image, key)
+  state = jax.eval_shape(training.init, image, key)
   coalition = (flops(training.init, image, key)
                + coalition_steps * flops(training.step, state))
   functions = _loop.image_functions(perturbation._STAGE)  # pylint: disable=protected-access
   static = dataclasses.replace(config.perturb, batching="auto", driver="auto")
   inputs = (image, labels, key, perturbation.Hyperparameters.from_config(config.perturb))
-  state = functions.prepare(static, classifier, inputs)
+  state = jax.eval_shape(lambda c, i: functions.prepare(static, c, i), classifier, inputs)
   perturb = (flops(lambda c, i: functions.prepare(static, c, i), classifier, inputs)
              + config.perturb.steps * flops(lambda c, s: functions.step(static, c, s)[0],
                                             classifier, state))
@@ -119,34 +119,70 @@ def benchmark(classifier, images, config: ExplainConfig, preset: ExplainConfig, 
       lambda: perturbation.perturb(classifier, images, found.labels, keys, config.perturb),
       repeats)
   steps_run = float(np.mean(found.steps))
-  coalition_scale = preset.coalitions.max_steps / config.coalitions.max_steps
-  if int(np.min(found.steps)) < config.coalitions.max_steps:
-    coalition_scale = 1.0  # Stopped early: the preset's run stops at the same step.
-  perturb_scale = preset.perturb.steps / config.perturb.steps
-  coalition_gflop, perturb_gflop = _image_gflop(
-      preset, classifier, images[0], found.labels[0], keys[0], coalition_scale * steps_run)
-  seconds = {"coalitions": coalition_scale * coalition_s / batch,
-             "perturbation": perturb_scale * perturb_s / batch}
+  seconds = {"coalitions": coalition_s / batch, "perturbation": perturb_s / batch}
+  scales = _step_scales(config, preset, steps_run)
+  seconds = {stage: scales[stage] * seconds[stage] for stage in seconds}
   seconds["total"] = seconds["coalitions"] + seconds["perturbation"]
-  gflop = {"coalitions": coalition_gflop, "perturbation": perturb_gflop,
-           "total": coalition_gflop + perturb_gflop}
-  tflops = {stage: gflop[stage] / seconds[stage] / 1e3 for stage in seconds}
-  device_kind = jax.devices()[0].device_kind
-  peak_name, peak = peak_tflops(device_kind, config.perturb.precision)
+  cost = _cost(preset, classifier, images[0], found.labels[0], keys[0],
+               scales["coalitions"] * steps_run, seconds, config.perturb.precision,
+               jax.devices()[0].device_kind)
   return {
       "batch": batch,
       "s_per_image": seconds,
       "images_per_s": 1.0 / seconds["total"],
       "compile_s": {"coalitions": max(0.0, coalition_first - coalition_s),
                     "perturbation": max(0.0, perturb_first - perturb_s)},
-      "gflop_per_image": gflop,
-      "achieved_tflop_per_s": tflops,
-      "peak": peak_name,
-      "mfu": {stage: value / peak for stage, value in tflops.items()} if peak else None,
+      **cost,
       "peak_memory_gb": _peak_memory_gb(),
       "steps_run": {"coalitions": steps_run, "perturbation": config.perturb.steps},
-      "scaled_to_preset_steps": coalition_scale != 1.0 or perturb_scale != 1.0,
+      "scaled_to_preset_steps": set(scales.values()) != {1.0},
   }
+
+
+def _step_scales(config: ExplainConfig, preset: ExplainConfig, coalition_steps_run: float):
+  """Factors from the steps run (`config`) to the preset's, per stage. Coalitions that stopped
+  early (mean steps below the maximum) are not scaled: the preset's run stops at the same step."""
+  coalition_scale = preset.coalitions.max_steps / config.coalitions.max_steps
+  if coalition_steps_run < config.coalitions.max_steps:
+    coalition_scale = 1.0
+  return {"coalitions": coalition_scale,
+          "perturbation": preset.perturb.steps / config.perturb.steps}
+
+
+def _cost(preset: ExplainConfig, classifier, image, labels, key, coalition_steps: float,
+          seconds: dict, precision: str, device_kind: str) -> dict:
+  """GFLOP per image, achieved TFLOP/s and MFU of a row timed at `seconds` per image."""
+  coalition_gflop, perturb_gflop = _image_gflop(preset, classifier, image, labels, key,
+                                                coalition_steps)
+  gflop = {"coalitions": coalition_gflop, "perturbation": perturb_gflop,
+           "total": coalition_gflop + perturb_gflop}
+  tflops = {stage: gflop[stage] / seconds[stage] / 1e3 for stage in seconds}
+  peak_name, peak = peak_tflops(device_kind, precision)
+  return {"gflop_per_image": gflop, "achieved_tflop_per_s": tflops, "peak": peak_name,
+          "mfu": {stage: value / peak for stage, value in tflops.items()} if peak else None}
+
+
+def recount(path: str) -> list[dict]:
+  """Recounts the FLOPs, TFLOP/s and MFU of the rows in a `--json` file, in place.
+
+  For files written before the count was taken on XLA:CPU (on a GPU they hold XLA:GPU's count,
+  which leaves out the convolutions run by cuDNN). The times stay as measured.
+  """
+  record = json.loads(Path(path).read_text())
+  max_steps = _parser().parse_args(record["argv"]).max_steps
+  with jax.default_device(jax.devices("cpu")[0]):
+    for row in record["rows"]:
+      config, preset = _config(row["preset"], max_steps, row["precision"], row["batching"])
+      steps_run = row["steps_run"]["coalitions"]
+      image = np.zeros((row["size"], row["size"], 3), np.float32)
+      row.update(_cost(preset, _random_classifier(row["model"], row["size"]), image,
+                       np.zeros(image.shape[:2], np.int32), jax.random.key(0),
+                       _step_scales(config, preset, steps_run)["coalitions"] * steps_run,
+                       {stage: row["s_per_image"][stage] for stage in ("coalitions",
+                                                                         "perturbation", "total")},
+                       row["precision"], row["device"]))
+  Path(path).write_text(json.dumps(record, indent=2))
+  return record["rows"]
 
 
 def _random_classifier(name: str, size: int):
@@ -172,15 +208,15 @@ def _table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--model", nargs="+", default=["squeezenet1_1"], choices=models.MODEL_NAMES)
   parser.add_argument("--weights", help="Weights file (one --model only); default: random.")
   parser.add_argument("--size", type=int, default=224, help="Image side, pixels.")
   parser.add_argument("--preset", nargs="+", default=["fast"], choices=PRESETS)
   parser.add_argument("--batch", nargs="+", type=int, default=[1], help="Images per call.")
-  parser.add_argument("--precision", nargs="+", default=["float32"],
-                      choices=["float32", "bfloat16"])
+  parser.add_argument("--precision", nargs="+", default=["auto"], choices=_precision.PRECISIONS,
+                      help="'auto': bfloat16 on GPU/TPU, float32 on CPU (the library's default).")
   parser.add_argument("--batching", nargs="+", default=["auto"], choices=_loop.BATCHINGS)
   parser.add_argument("--repeats", type=int, default=1, help="Timed runs per stage.")
   parser.add_argument("--images", help="Folder or glob of photos (default: random images).")
@@ -189,7 +225,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--json", help="Also write the rows to this JSON file.")
   parser.add_argument("--smoke", action="store_true",
                       help="A few seconds on any backend: shapes_cnn, 16 px, 'tiny', batch 1 2.")
+  parser.add_argument("--recount", nargs="+", metavar="JSON",
+                      help="Only recount the FLOPs, TFLOP/s and MFU of these --json files' rows "
+                           "(times unchanged), and print them.")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  parser = _parser()
   args = parser.parse_args(argv)
+  if args.recount:
+    rows = [row for path in args.recount for row in recount(path)]
+    print(_table(rows))
+    return rows
   if args.smoke:
     args.model, args.size, args.preset, args.batch = ["shapes_cnn"], 16, ["tiny"], [1, 2]
   if args.weights and len(args.model) != 1:
@@ -215,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   if args.weights else _random_classifier(model, args.size))
     source = sources.ImageFolderSource(args.images, args.size) if args.images else None
     for preset in args.preset:
-      for precision in args.precision:
+      for precision in map(_precision.resolve_precision, args.precision):
         for batching in args.batching:
           config, preset_config = _config(preset, args.max_steps, precision, batching)
           for batch in sorted(args.batch):

@@ -2,13 +2,13 @@
 # Measures on one accelerator, in about 10 minutes, every figure the README's GPU table needs:
 #   1. benchmark.py: s/image by stage, TFLOP/s, MFU, compile time, peak memory, images/s, for
 #      "fast" and "paper" (paper scaled from 10 steps per stage), VGG16 and SqueezeNet 1.1
-#      (random weights), batch 1-16, layouts "map" (the accelerator default) and "vmap",
+#      (random weights), batch 1-16, layouts "map" (the accelerator default) and "vmap" (paper),
 #      float32 and bfloat16;
 #   2. determinism: each image alone against in a batch of 4 (equal to float32 expected), and
 #      the cost of XLA_FLAGS=--xla_gpu_deterministic_ops=true;
 #   3. bfloat16 agreement with float32 next to the seed floor (needs the shared photos);
 #   4. the persistent compilation cache: one CLI command cold, then warm.
-# Each step has its own time limit (about 575 s in all) and a failed step does not stop the
+# Each step has its own time limit (about 585 s in all) and a failed step does not stop the
 # others; benchmark rows are saved as they come. Figures go to docs/results/gpu_check/ (one
 # file per step; gpu_check.md gathers them).
 #
@@ -24,6 +24,7 @@ mkdir -p "$OUT"
 SUMMARY=$OUT/gpu_check.md
 START=$(date +%s)
 export PYTHONPATH=scripts${PYTHONPATH:+:$PYTHONPATH}
+PYTHON=$(command -v python || command -v python3)
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs to $OUT/NAME.txt
   local name=$1 limit=$2
@@ -38,22 +39,22 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs t
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  python -c "import jax; print('jax', jax.__version__, jax.devices())"
+  "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
 } > "$SUMMARY" 2>&1
 
-BENCH="python scripts/benchmark.py"
-step fast 100 $BENCH --model squeezenet1_1 vgg16 --preset fast --batch 1 4 16 \
-  --batching map vmap --json "$OUT/fast.json"
-step fast_bf16 45 $BENCH --model squeezenet1_1 vgg16 --preset fast --batch 16 --batching map \
+BENCH="$PYTHON scripts/benchmark.py"
+step fast 110 $BENCH --model squeezenet1_1 vgg16 --preset fast --batch 1 16 --batching map \
+  --precision float32 --json "$OUT/fast.json"
+step fast_bf16 60 $BENCH --model squeezenet1_1 vgg16 --preset fast --batch 16 --batching map \
   --precision bfloat16 --json "$OUT/fast_bf16.json"
-step paper_vgg16 140 $BENCH --model vgg16 --preset paper --max-steps 10 --batch 1 4 \
+step paper_vgg16 125 $BENCH --model vgg16 --preset paper --max-steps 10 --batch 1 4 \
   --batching map vmap --json "$OUT/paper_vgg16.json"
 step paper_vgg16_bf16 50 $BENCH --model vgg16 --preset paper --max-steps 10 --batch 4 \
   --batching map --precision bfloat16 --json "$OUT/paper_vgg16_bf16.json"
 step paper_squeezenet 45 $BENCH --model squeezenet1_1 --preset paper --max-steps 10 --batch 4 \
   --batching map --json "$OUT/paper_squeezenet.json"
 
-step determinism 40 python - <<'EOF'
+step determinism 40 "$PYTHON" - <<'EOF'
 import jax, numpy as np
 from pfc_jax import models, parallel
 from pfc_jax.explain import ExplainConfig, explain
@@ -75,7 +76,7 @@ step deterministic_ops 45 env XLA_FLAGS=--xla_gpu_deterministic_ops=true $BENCH 
   --json "$OUT/deterministic_ops.json"
 
 if [ -d "$PHOTOS" ] && [ -f "$WEIGHTS" ]; then
-  step precision 50 python scripts/precision_agreement.py --photos "$PHOTOS" \
+  step precision 50 "$PYTHON" scripts/precision_agreement.py --photos "$PHOTOS" \
     --weights "$WEIGHTS" --count 16 --size 224 --preset fast
 else
   echo "== precision: skipped, no photos at $PHOTOS or weights at $WEIGHTS" | tee -a "$SUMMARY"
@@ -83,7 +84,7 @@ fi
 
 CACHE=$(mktemp -d)
 for run in cold warm; do
-  step "cache_$run" 30 env PFC_JAX_CACHE="$CACHE/xla" python - "$CACHE" "$run" <<'EOF'
+  step "cache_$run" 30 env PFC_JAX_CACHE="$CACHE/xla" "$PYTHON" - "$CACHE" "$run" <<'EOF'
 import os, subprocess, sys, time
 cache, run = sys.argv[1:]
 start = time.perf_counter()

@@ -80,3 +80,17 @@ def test_extract_coalitions_in_bfloat16_gives_valid_labels():
                               dataclasses.replace(COALITIONS, precision="bfloat16"))
   labels = np.asarray(result.labels[0])
   np.testing.assert_array_equal(np.unique(labels), np.arange(int(result.num[0])))
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("cpu", "float32"), ("gpu", "bfloat16"), ("tpu", "bfloat16")])
+def test_auto_precision_is_bfloat16_on_accelerators(monkeypatch, backend, expected):
+  assert CoalitionConfig().precision == PerturbConfig().precision == "auto"
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert _precision.resolve_precision("auto") == expected
+  assert _precision.resolve_precision("float32") == "float32"
+  assert _precision.resolve_precision("bfloat16") == "bfloat16"
+  dtypes = []
+  classifier = _precision.classifier_in(_recording_classifier(dtypes), "auto")
+  logits = classifier.apply_fn(classifier.params, jnp.ones((1, 16, 16, 3)))
+  assert dtypes == [expected] and logits.dtype == jnp.float32
