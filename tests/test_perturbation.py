@@ -250,29 +250,60 @@ def test_correlated_noise_is_white_noise_blurred_to_unit_variance():
     PerturbConfig(noise_sigma=-1.0)
 
 
-def test_saliency_smoothing_is_the_local_mean_inside_the_image():
-  from pfc_jax.perturbation import smooth_saliency
-  rng = np.random.default_rng(4)
-  saliency = rng.uniform(size=(9, 11)).astype(np.float32)
-  sigma, radius = 1.5, 3
+def _numpy_local_mean(plane: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian-weighted mean over the window (truncated at 2 sigma) inside the image, loop by loop."""
+  radius = math.ceil(2 * sigma)
   g = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
-  expected = np.zeros_like(saliency, np.float64)
-  for y in range(9):
-    for x in range(11):
+  height, width = plane.shape
+  expected = np.zeros_like(plane, np.float64)
+  for y in range(height):
+    for x in range(width):
       total = weight = 0.0
       for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-          if 0 <= y + dy < 9 and 0 <= x + dx < 11:
-            total += g[dy + radius] * g[dx + radius] * saliency[y + dy, x + dx]
+          if 0 <= y + dy < height and 0 <= x + dx < width:
+            total += g[dy + radius] * g[dx + radius] * plane[y + dy, x + dx]
             weight += g[dy + radius] * g[dx + radius]
       expected[y, x] = total / weight
-  np.testing.assert_allclose(smooth_saliency(jnp.asarray(saliency), sigma), expected, rtol=1e-5)
+  return expected
+
+
+def test_saliency_smoothing_is_the_local_mean_inside_the_image():
+  from pfc_jax.perturbation import smooth_saliency
+  saliency = np.random.default_rng(4).uniform(size=(9, 11)).astype(np.float32)
+  np.testing.assert_allclose(smooth_saliency(jnp.asarray(saliency), 1.5),
+                             _numpy_local_mean(saliency, 1.5), rtol=1e-5)
   np.testing.assert_array_equal(smooth_saliency(jnp.asarray(saliency), 0.0), saliency)
   for bad in (-1.0, "4"):
     with pytest.raises(ValueError, match="saliency_sigma"):
       PerturbConfig(saliency_sigma=bad)
     with pytest.raises(ValueError, match="sigma"):
       smooth_saliency(jnp.asarray(saliency), bad)
+
+
+def test_blur_operator_moves_the_image_towards_its_blur_by_w_over_max_w():
+  """With `blur_sigma`, the objective is the additive-noise objective of the image moved towards
+  its blurred copy (a loop-by-loop numpy blur) by w / max_w at each pixel."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(SIZE, SIZE, 3)).astype(np.float32)
+  w = rng.uniform(0, 2, size=(SIZE, SIZE, 3)).astype(np.float32)
+  noise = rng.normal(size=(4, SIZE, SIZE, 3)).astype(np.float32)
+  labels = np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 3
+  config = PerturbConfig(max_w=2.0, confidence="log_softmax", consistency="coalition")
+  blurred = np.stack([_numpy_local_mean(x[..., c], 1.5) for c in range(3)], axis=-1)
+  moved = (x + w / 2.0 * (blurred - x)).astype(np.float32)
+  classifier = _tiny_classifier()
+  total, terms = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1,
+                           classifier, dataclasses.replace(config, blur_sigma=1.5))
+  reference, reference_terms = objective(jnp.asarray(w), jnp.asarray(moved), jnp.asarray(noise),
+                                         labels, 1, classifier, config)
+  np.testing.assert_allclose(total, reference, rtol=1e-5)
+  np.testing.assert_allclose(terms["confidence"], reference_terms["confidence"], rtol=1e-5)
+  unblurred, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1,
+                           classifier, config)
+  assert abs(float(unblurred) - float(total)) > 1e-4
+  with pytest.raises(ValueError, match="blur_sigma"):
+    PerturbConfig(blur_sigma=-1.0)
 
 
 def test_saliency_sigma_smooths_the_readout_not_w():
