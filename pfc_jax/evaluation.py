@@ -27,6 +27,7 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
+- perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, noise and a 10 px blur);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
   `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -89,6 +90,7 @@ PFC_MODIFIERS = {
     "constant": ("perturb", "schedule", "constant"),
     "cosine": ("perturb", "schedule", "cosine"),
     "smooth": ("perturb", "saliency_sigma", 8.0),
+    "blur": ("perturb", "blur_sigma", 10.0),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
