@@ -28,8 +28,8 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
 - perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, noise and a 10 px blur);
-- preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_published`,
-  `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
+- preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
+  `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
 For example `pfc`, `pfc-coalition`, `pfc-lowres`, `pfc-fast_published`, `pfc-coalition-paper`.
 """

@@ -55,12 +55,15 @@ def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_diffe
     assert chosen.perturb.confidence == "log_softmax"
     # Adam moves about one learning rate per step: w can reach max_w with steps to spare.
     assert chosen.perturb.learning_rate * chosen.perturb.steps >= 2 * chosen.perturb.max_w
+    assert chosen.perturb.blur_sigma == 10.0
   assert fast.perturb.consistency == published.perturb.consistency == "published"
-  assert dataclasses.replace(fast.perturb, parameterization="lowres", confidence="hinge",
+  noise = ExplainConfig.preset("fast_noise")
+  assert dataclasses.replace(fast.perturb, blur_sigma=0.0) == noise.perturb
+  assert dataclasses.replace(noise.perturb, parameterization="lowres", confidence="hinge",
                              confidence_weight=100.0) == lowres.perturb
   assert dataclasses.replace(lowres.perturb, parameterization="pixel", max_w=1.0,
                              learning_rate=3e-2) == published.perturb
-  assert fast.coalitions == lowres.coalitions == published.coalitions
+  assert fast.coalitions == noise.coalitions == lowres.coalitions == published.coalitions
   assert full.coalitions == ExplainConfig.preset("paper").coalitions
 
 
