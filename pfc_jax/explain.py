@@ -73,7 +73,7 @@ class ExplainConfig:
       backbone at short side 64, at most 300 steps), then 80 Adam steps with S = 8 and the
       chosen objective: coalition-guided smooth noise (`parameterization="guided"`, stride 8)
       up to max_w = 5 with a 10 px blur (`blur_sigma=10`), `confidence="log_softmax"` with
-      weight 3, learning rate 0.2 (so that w can cover [0, max_w]). About 33 s per 224 px photo
+      weight 3, learning rate 0.2 (so that w can cover [0, max_w]). About 35 s per 224 px photo
       on 2 idle CPU cores (SqueezeNet;
       `python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast
       --images DIR`). Faithfulness against the baselines: see the README.
