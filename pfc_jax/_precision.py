@@ -12,9 +12,10 @@ Training", ICLR 2018), with bfloat16's float32 exponent range in place of loss s
 
 `precision="auto"` (the default) is bfloat16 on GPUs and TPUs and float32 on CPUs. Measured on
 an H200 (`docs/results/gpu_check/`): bfloat16 agrees with float32 more closely than two float32
-seeds agree with each other (16 tuning photos, SqueezeNet 1.1, `fast`: coalitions' adjusted Rand
-index 0.80 against a seed floor of 0.34, saliency rank correlation 0.93 against 0.86), and makes
-VGG16 1.4x (`fast`) to 1.8x (`paper`) faster. XLA:CPU has no fast bfloat16 convolutions.
+seeds agree with each other (16 tuning photos, SqueezeNet 1.1, `fast_noise`: coalitions'
+adjusted Rand index 0.80 against a seed floor of 0.34, saliency rank correlation 0.93 against
+0.86), and makes VGG16 1.4x (`fast_noise`) to 1.8x (`paper`) faster. XLA:CPU has no fast
+bfloat16 convolutions.
 """
 
 from __future__ import annotations

@@ -196,15 +196,14 @@ class PerturbConfig:
         raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
     if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(f"`kernel_size` must be a positive odd int, got {self.kernel_size!r}.")
-    for name in _TERMS:
-      if not getattr(self, f"{name}_weight") >= 0:  # also rejects NaN
-        raise ValueError(f"`{name}_weight` must be >= 0, got {getattr(self, f'{name}_weight')!r}.")
-    for name in ("noise_sigma", "blur_sigma", "saliency_sigma"):
-      if not (isinstance(getattr(self, name), numbers.Real) and getattr(self, name) >= 0):
-        raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
-    for name in ("sigma", "learning_rate", "max_w"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}.")
+    at_least_zero = [f"{name}_weight" for name in _TERMS] + [
+        "noise_sigma", "blur_sigma", "saliency_sigma"]
+    for name in at_least_zero + ["sigma", "learning_rate", "max_w"]:
+      value = getattr(self, name)
+      positive = name not in at_least_zero
+      if not (_is_finite_number(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"`{name}` must be {'positive' if positive else '>= 0'} (a finite "
+                         f"number), got {value!r}.")
     if self.noise_chunk is not None and (
         not isinstance(self.noise_chunk, int) or self.noise_chunk < 1
         or self.noise_samples % self.noise_chunk):
@@ -213,6 +212,12 @@ class PerturbConfig:
           f"{self.noise_samples}, got {self.noise_chunk!r}.")
     _loop.check_batching(self.batching, self.driver)
     _precision.check_precision(self.precision)
+
+
+def _is_finite_number(value) -> bool:
+  """A finite real number (numpy scalars too), not a bool."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 class Hyperparameters(NamedTuple):
@@ -615,8 +620,8 @@ def smooth_saliency(saliency: jax.Array, sigma: float) -> jax.Array:
   Raises:
     ValueError: for a negative or non-numeric `sigma`.
   """
-  if not (isinstance(sigma, numbers.Real) and sigma >= 0):
-    raise ValueError(f"`sigma` must be a number >= 0 (pixels), got {sigma!r}.")
+  if not (_is_finite_number(sigma) and sigma >= 0):
+    raise ValueError(f"`sigma` must be a finite number >= 0 (pixels), got {sigma!r}.")
   if not sigma:
     return saliency
   return _local_mean(saliency[..., None], sigma)[..., 0]

@@ -227,7 +227,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="A few seconds on any backend: shapes_cnn, 16 px, 'tiny', batch 1 2.")
   parser.add_argument("--recount", nargs="+", metavar="JSON",
                       help="Only recount the FLOPs, TFLOP/s and MFU of these --json files' rows "
-                           "(times unchanged), and print them.")
+                           "with today's presets (times unchanged), rewrite the files in place "
+                           "and print the rows; other options are ignored.")
   return parser
 
 
@@ -235,7 +236,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser = _parser()
   args = parser.parse_args(argv)
   if args.recount:
-    rows = [row for path in args.recount for row in recount(path)]
+    rows = []
+    for path in args.recount:
+      try:
+        rows += recount(path)
+      except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--recount {path}: not a readable benchmark --json file ({error!r}).")
     print(_table(rows))
     return rows
   if args.smoke:

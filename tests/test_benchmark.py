@@ -102,3 +102,12 @@ def test_recount_restores_the_cost_of_a_row(tmp_path):
       assert after["achieved_tflop_per_s"][stage] == pytest.approx(
           before["achieved_tflop_per_s"][stage])
       assert after["mfu"][stage] == pytest.approx(before["achieved_tflop_per_s"][stage] / 494.7)
+
+
+def test_recount_names_a_bad_file(tmp_path, capsys):
+  not_json = tmp_path / "rows.txt"
+  not_json.write_text("no rows here")
+  for path in (tmp_path / "missing.json", not_json):
+    with pytest.raises(SystemExit):
+      benchmark.main(["--recount", str(path)])
+    assert f"--recount {path}: not a readable benchmark --json file" in capsys.readouterr().err

@@ -302,8 +302,13 @@ def test_blur_operator_moves_the_image_towards_its_blur_by_w_over_max_w():
   unblurred, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1,
                            classifier, config)
   assert abs(float(unblurred) - float(total)) > 1e-4
-  with pytest.raises(ValueError, match="blur_sigma"):
-    PerturbConfig(blur_sigma=-1.0)
+  for bad in (-1.0, float("inf"), float("nan"), True, "2", None):
+    with pytest.raises(ValueError, match="`blur_sigma` must be >= 0 \\(a finite number\\)"):
+      PerturbConfig(blur_sigma=bad)
+  for name in ("max_w", "learning_rate", "sigma", "mask_weight"):
+    for bad in ("1", None, float("inf")):
+      with pytest.raises(ValueError, match=f"`{name}` must be"):
+        PerturbConfig(**{name: bad})
 
 
 def test_saliency_sigma_smooths_the_readout_not_w():

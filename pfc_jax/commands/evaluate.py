@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
           "PRESET one of " + ", ".join(evaluation.PRESETS) + " (default: --preset) and modifiers "
           + ", ".join(f"{name} ({field}={value})" for name, (_, field, value)
                       in sorted(evaluation.PFC_MODIFIERS.items()))
-          + ", e.g. pfc-region-fast_lowres."))
+          + ", e.g. pfc-region-fast_lowres. A modifier whose value the preset already has "
+          "changes nothing (fast and full already blur: pfc-blur is pfc there)."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
