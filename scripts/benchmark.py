@@ -119,9 +119,9 @@ def benchmark(classifier, images, config: ExplainConfig, preset: ExplainConfig, 
       lambda: perturbation.perturb(classifier, images, found.labels, keys, config.perturb),
       repeats)
   steps_run = float(np.mean(found.steps))
-  seconds = {"coalitions": coalition_s / batch, "perturbation": perturb_s / batch}
   scales = _step_scales(config, preset, steps_run)
-  seconds = {stage: scales[stage] * seconds[stage] for stage in seconds}
+  seconds = {"coalitions": scales["coalitions"] * coalition_s / batch,
+             "perturbation": scales["perturbation"] * perturb_s / batch}
   seconds["total"] = seconds["coalitions"] + seconds["perturbation"]
   cost = _cost(preset, classifier, images[0], found.labels[0], keys[0],
                scales["coalitions"] * steps_run, seconds, config.perturb.precision,
