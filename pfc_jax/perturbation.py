@@ -721,8 +721,9 @@ def sweep_settings(settings: Mapping[str, Sequence[float]]) -> int:
   """Validates a sweep's `{field: K values}` and returns K.
 
   Raises:
-    ValueError: for an empty sweep, a field outside `SWEEPABLE`, value lists of unequal length
-      or non-positive values where the field must be positive.
+    ValueError: for an empty sweep, a field outside `SWEEPABLE`, value lists of unequal length,
+      values that are not finite numbers, or non-positive values where the field must be
+      positive.
   """
   if not settings:
     raise ValueError(f"`settings` must name at least one of {SWEEPABLE}.")
@@ -732,6 +733,9 @@ def sweep_settings(settings: Mapping[str, Sequence[float]]) -> int:
   lengths = {name: len(values) for name, values in settings.items()}
   if len(set(lengths.values())) != 1 or 0 in lengths.values():
     raise ValueError(f"`settings` must give the same number (>= 1) of values per field, got {lengths}.")
+  for name, values in settings.items():
+    if not all(_is_finite_number(v) for v in values):
+      raise ValueError(f"`settings[{name!r}]` must be finite numbers, got {list(values)}.")
   for name in ("sigma", "max_w", "learning_rate"):
     if name in settings and not all(v > 0 for v in settings[name]):
       raise ValueError(f"`settings[{name!r}]` must be positive, got {list(settings[name])}.")

@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -48,26 +49,39 @@ from pfc_jax import data, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
 from pfc_jax.explain import ExplainConfig, stage_keys
-from pfc_jax.perturbation import perturb_sweep, saliency_map, sweep_settings
+from pfc_jax.perturbation import PerturbConfig, perturb_sweep, saliency_map, sweep_settings
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
           "road_morf", "road_lerf", "pointing_game", "relevance_mass")
 
 
-def _value(text: str):
-  return json.loads(text) if text[:1].isdigit() or text[:1] in "-." else text
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PerturbConfig)}
 
 
-def _parse_assignments(items: list[str]) -> dict[tuple[str, ...], list[tuple]]:
-  """`FIELD=V1,V2` -> {(FIELD,): [(V1,), (V2,)]}; `F+G=a:b,c:d` varies F and G jointly."""
+def _value(flag: str, name: str, text: str):
+  """`text` as the type of `PerturbConfig.name`'s default (an int for `noise_chunk`)."""
+  if name not in _DEFAULTS:
+    raise SystemExit(f"{flag}: {name!r} is not a PerturbConfig field; choose from {sorted(_DEFAULTS)}.")
+  default = _DEFAULTS[name]
+  kind = str if isinstance(default, str) else int if default is None else type(default)
+  try:
+    return kind(text)
+  except ValueError:
+    article = "an" if kind is int else "a"
+    raise SystemExit(f"{flag}: {name} must be {article} {kind.__name__}, got {text!r}.") from None
+
+
+def _parse_assignments(flag: str, items: list[str]) -> dict[tuple[str, ...], list[tuple]]:
+  """`FIELD=V1,V2` -> {(FIELD,): [(V1,), (V2,)]}; `F+G=a:b,c:d` varies F and G jointly; each
+  value converted to its field's type."""
   parsed = {}
   for item in items:
     names, _, values = item.partition("=")
     fields = tuple(names.split("+"))
-    tuples = [tuple(_value(v) for v in group.split(":")) for group in values.split(",")]
-    if not values or any(len(t) != len(fields) for t in tuples):
-      raise SystemExit(f"Expected FIELD=V1,V2,... or F+G=A1:B1,A2:B2,... , got {item!r}.")
-    parsed[fields] = tuples
+    groups = [group.split(":") for group in values.split(",")]
+    if not values or any(len(g) != len(fields) for g in groups):
+      raise SystemExit(f"{flag}: expected FIELD=V1,V2,... or F+G=A1:B1,A2:B2,... , got {item!r}.")
+    parsed[fields] = [tuple(_value(flag, n, v) for n, v in zip(fields, g)) for g in groups]
   return parsed
 
 
@@ -146,19 +160,22 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   base = ExplainConfig.preset(args.preset)
-  edits = {k[0]: v[0][0] for k, v in _parse_assignments(args.perturb).items()}
-  swept = _parse_assignments(args.sweep)
+  edits = {k[0]: v[0][0] for k, v in _parse_assignments("--perturb", args.perturb).items()}
+  swept = _parse_assignments("--sweep", args.sweep)
   fields = [name for group in swept for name in group]
   combos = [sum(parts, ()) for parts in itertools.product(*swept.values())]
   settings = {name: [float(c[i]) for c in combos] for i, name in enumerate(fields)}
-  channel_values = [int(v) for v in args.num_channels.split(",")] if args.num_channels else [None]
+  try:
+    channel_values = [int(v) for v in args.num_channels.split(",")] if args.num_channels else [None]
+  except ValueError:
+    raise SystemExit(f"--num-channels must be comma-separated ints, got {args.num_channels!r}.") from None
   readouts = [None]
   if args.saliency_sigma:
     try:
       readouts = [float(v) for v in args.saliency_sigma.split(",")]
     except ValueError:
       readouts = []
-    if not readouts or not all(v >= 0 for v in readouts):
+    if not readouts or not all(math.isfinite(v) and v >= 0 for v in readouts):
       raise SystemExit(f"--saliency-sigma must be comma-separated numbers >= 0, got {args.saliency_sigma!r}.")
     if "saliency_sigma" in edits:
       raise SystemExit("Give the saliency readout either in --perturb or in --saliency-sigma.")
@@ -167,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
   except ValueError as e:
     raise SystemExit(f"--sweep: {e}") from e
   most = max([base.coalitions.num_channels] + [v for v in channel_values if v])
-  base = dataclasses.replace(base, perturb=dataclasses.replace(
-      base.perturb, **edits, max_coalitions=max(most, base.perturb.max_coalitions)))
+  try:
+    base = dataclasses.replace(base, perturb=dataclasses.replace(
+        base.perturb, **edits, max_coalitions=max(most, base.perturb.max_coalitions)))
+  except ValueError as e:
+    raise SystemExit(f"--perturb: {e}") from e
 
   records_path = Path(args.records)
   header = {"model": args.model, "weights": args.weights, "images": args.images,

@@ -469,7 +469,9 @@ def test_sweep_rejects_bad_settings():
   for settings, match in (({}, "at least one"), ({"steps": [1, 2]}, "cannot be swept"),
                           ({"sigma": [1.0], "max_w": [1.0, 2.0]}, "same number"),
                           ({"learning_rate": [0.1, -1.0]}, "positive"),
-                          ({"mask_weight": [0.1, -0.1]}, ">= 0")):
+                          ({"mask_weight": [0.1, -0.1]}, ">= 0"),
+                          ({"max_w": [float("nan")]}, "finite"),
+                          ({"confidence_weight": [1.0, float("inf")]}, "finite")):
     with pytest.raises(ValueError, match=match):
       perturb_sweep(_tiny_classifier(), images, labels, jax.random.key(0), CONFIG, settings)
 

@@ -78,7 +78,16 @@ def test_bad_settings_stop_before_the_records_file_is_started(tmp_path):
   common = ["--model", "shapes_cnn", "--num-images", "1", "--preset", "tiny"]
   for extra, match in ((["--sweep", "max_w=5", "--saliency-sigma", "-1"], "saliency-sigma"),
                        (["--sweep", "max_w=5", "--saliency-sigma", "abc"], "saliency-sigma"),
-                       (["--sweep", "mask_weight=-1"], "mask_weight")):
+                       (["--sweep", "max_w=5", "--saliency-sigma", "inf"], "saliency-sigma"),
+                       (["--sweep", "mask_weight=-1"], "mask_weight"),
+                       (["--sweep", "mask_weight=abc"], "--sweep: mask_weight must be a float"),
+                       (["--sweep", "max_w=5", "--perturb", "blur_sigma=nan"],
+                        "--perturb: `blur_sigma` must be >= 0"),
+                       (["--sweep", "max_w=5", "--perturb", "bogus=1"],
+                        "--perturb: 'bogus' is not a PerturbConfig field"),
+                       (["--sweep", "max_w=5", "--perturb", "steps=2.5"],
+                        "--perturb: steps must be an int"),
+                       (["--sweep", "max_w=5", "--num-channels", "x"], "--num-channels")):
     with pytest.raises(SystemExit, match=match):
       sweep.main(common + extra + ["--records", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
