@@ -91,3 +91,11 @@ def test_bad_settings_stop_before_the_records_file_is_started(tmp_path):
     with pytest.raises(SystemExit, match=match):
       sweep.main(common + extra + ["--records", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_assignments_take_their_fields_types_and_keep_the_typed_numbers():
+  parsed = sweep._parse_assignments(
+      "--sweep", ["confidence_weight=3,0.5,nan", "max_w+noise_samples=2:4", "confidence=hinge"])
+  assert parsed == {("confidence_weight",): [(3,), (0.5,), (pytest.approx(float("nan"), nan_ok=True),)],
+                    ("max_w", "noise_samples"): [(2, 4)], ("confidence",): [("hinge",)]}
+  assert isinstance(parsed[("max_w", "noise_samples")][0][1], int)
