@@ -107,6 +107,12 @@ class PerturbConfig:
       published); s > 0 convolves i.i.d. normal samples with a Gaussian of standard deviation
       s (truncated at 2 s) and rescales them to unit variance, so that eps stays N(0, 1) at
       each pixel but varies smoothly, like a blur rather than a texture. Default 0.0.
+    noise_std: Standard deviation of eps, so the noise at a pixel has standard deviation
+      `noise_std * w`. 1 as published; 0 leaves the blur of `blur_sigma` as the only
+      perturbation (x + (w / max_w)(b - x), the blur perturbation of Meaningful Perturbations,
+      Fong and Vedaldi, ICCV 2017, on PFC's coalition-shaped w): the objective is then
+      deterministic and `noise_samples = 1` computes it exactly. 0 needs `blur_sigma` > 0.
+      Not in the paper. Default 1.0.
     blur_sigma: The perturbation operator. 0: additive noise, the perturbed image is
       x + eps w (as published). s > 0: noise and blur, x + (w / max_w)(b - x) + eps w, with b
       the image blurred by a Gaussian of standard deviation s pixels (truncated at 2 s,
@@ -170,6 +176,7 @@ class PerturbConfig:
   schedule: Schedule = "constant"
   max_w: float = 1.0
   noise_sigma: float = 0.0
+  noise_std: float = 1.0
   blur_sigma: float = 0.0
   saliency_sigma: float = 0.0
   max_coalitions: int = 20
@@ -197,13 +204,15 @@ class PerturbConfig:
     if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(f"`kernel_size` must be a positive odd int, got {self.kernel_size!r}.")
     at_least_zero = [f"{name}_weight" for name in _TERMS] + [
-        "noise_sigma", "blur_sigma", "saliency_sigma"]
+        "noise_sigma", "noise_std", "blur_sigma", "saliency_sigma"]
     for name in at_least_zero + ["sigma", "learning_rate", "max_w"]:
       value = getattr(self, name)
       positive = name not in at_least_zero
       if not (_is_finite_number(value) and (value > 0 if positive else value >= 0)):
         raise ValueError(f"`{name}` must be {'positive' if positive else '>= 0'} (a finite "
                          f"number), got {value!r}.")
+    if self.noise_std == 0 and self.blur_sigma == 0:
+      raise ValueError("`noise_std` = 0 needs `blur_sigma` > 0: otherwise nothing is perturbed.")
     if self.noise_chunk is not None and (
         not isinstance(self.noise_chunk, int) or self.noise_chunk < 1
         or self.noise_samples % self.noise_chunk):
@@ -579,8 +588,15 @@ def _initial_state(config: PerturbConfig, classifier: Classifier, inputs) -> _St
 
 
 def sample_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-  """The S noise samples eps of one step: `[noise_samples, *shape] float32`, N(0, 1) at each
-  pixel, spatially correlated when `config.noise_sigma > 0` (see `PerturbConfig`)."""
+  """The S noise samples eps of one step: `[noise_samples, *shape] float32`,
+  N(0, noise_std^2) at each pixel, spatially correlated when `config.noise_sigma > 0` (see
+  `PerturbConfig`)."""
+  if not config.noise_std:
+    return jnp.zeros((config.noise_samples, *shape))
+  return config.noise_std * _unit_noise(config, key, shape)
+
+
+def _unit_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
   if not config.noise_sigma:
     return jax.random.normal(key, (config.noise_samples, *shape))
   factor = _truncated_gaussian(config.noise_sigma)

@@ -250,6 +250,34 @@ def test_correlated_noise_is_white_noise_blurred_to_unit_variance():
     PerturbConfig(noise_sigma=-1.0)
 
 
+def test_noise_std_scales_the_noise_and_zero_leaves_the_blur_alone():
+  from pfc_jax.perturbation import sample_noise
+  key, shape = jax.random.key(4), (12, 10, 3)
+  for sigma in (0.0, 1.5):
+    unit = sample_noise(PerturbConfig(noise_samples=2, noise_sigma=sigma), key, shape)
+    np.testing.assert_allclose(
+        sample_noise(PerturbConfig(noise_samples=2, noise_sigma=sigma, noise_std=0.3), key, shape),
+        0.3 * np.asarray(unit), rtol=1e-6)
+  assert not np.any(sample_noise(PerturbConfig(noise_std=0.0, blur_sigma=2.0), key, shape))
+  # Without noise the run is deterministic: S = 1 gives S = 4's w, and w differs from a noisy run.
+  images, labels = _batch()
+  config = PerturbConfig(steps=4, learning_rate=0.3, max_w=2.0, blur_sigma=2.0, noise_std=0.0,
+                         confidence="log_softmax", parameterization="lowres", lowres_stride=4)
+  one = perturb(_tiny_classifier(), images, labels, jax.random.key(0),
+                dataclasses.replace(config, noise_samples=1))
+  four = perturb(_tiny_classifier(), images, labels, jax.random.key(1),
+                 dataclasses.replace(config, noise_samples=4))
+  np.testing.assert_allclose(one.w, four.w, rtol=1e-5, atol=1e-6)
+  noisy = perturb(_tiny_classifier(), images, labels, jax.random.key(0),
+                  dataclasses.replace(config, noise_std=1.0))
+  assert not np.allclose(one.w, noisy.w, atol=1e-3)
+  for bad in (-0.1, float("nan"), "1"):
+    with pytest.raises(ValueError, match="`noise_std` must be >= 0"):
+      PerturbConfig(noise_std=bad)
+  with pytest.raises(ValueError, match="needs `blur_sigma` > 0"):
+    PerturbConfig(noise_std=0.0)
+
+
 def _numpy_local_mean(plane: np.ndarray, sigma: float) -> np.ndarray:
   """Gaussian-weighted mean over the window (truncated at 2 sigma) inside the image, loop by loop."""
   radius = math.ceil(2 * sigma)
