@@ -27,8 +27,9 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
-- perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, noise and a 10 px blur; already
-  part of `fast` and `full`, so it changes the other presets, e.g. `pfc-blur-fast_lowres`);
+- perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, a 10 px blur added to the
+  preset's noise; `fast` and `full` already blur, without noise, so it changes the other presets,
+  e.g. `pfc-blur-fast_noise`, noise and blur);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
   `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 

@@ -9,8 +9,8 @@ Colour maps:
   colours repeat only past 20 coalitions (the coalition network's default `num_channels` is 20).
   The colours name coalitions and have no order.
 - Saliency: matplotlib's "jet" (`SALIENCY_CMAP`) over the map min-max normalised per image: dark
-  blue is the image's least salient pixel (where the classifier tolerated the most noise), then
-  cyan, green, yellow and dark red for its most salient one. `panel` draws the colour bar, labelled
+  blue is the image's least salient pixel (where the classifier tolerated the most
+  perturbation), then cyan, green, yellow and dark red for its most salient one. `panel` draws the colour bar, labelled
   with the map's own values at both ends and in the middle. Jet is the usual choice in saliency
   figures, so panels can be compared by eye with published ones; its lightness does not grow
   with the value, so pass `cmap="viridis"` (or any matplotlib name) where that matters.

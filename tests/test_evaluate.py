@@ -95,8 +95,8 @@ def test_pfc_method_names_edit_the_preset():
       ExplainConfig.preset("fast").perturb, schedule="cosine")
   assert evaluation.method_spec("pfc-smooth", "fast")[1].perturb == dataclasses.replace(
       ExplainConfig.preset("fast").perturb, saliency_sigma=8.0)
-  assert evaluation.method_spec("pfc-blur", "fast")[1].perturb == dataclasses.replace(
-      ExplainConfig.preset("fast").perturb, blur_sigma=10.0)
+  assert evaluation.method_spec("pfc-blur-fast_noise", "fast")[1].perturb == dataclasses.replace(
+      ExplainConfig.preset("fast_noise").perturb, blur_sigma=10.0)
   assert evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-vgg16init",)))
   assert not evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-off", "gradcam")))
 
