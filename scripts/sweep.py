@@ -65,9 +65,9 @@ def _value(flag: str, name: str, text: str):
   default = _DEFAULTS[name]
   kind = str if isinstance(default, str) else int if default is None else type(default)
   try:
-    if kind is float and text.lstrip("-").replace(".", "", 1).isdigit():
-      return json.loads(text)  # "3" stays 3, so settings print as typed ("confidence_weight=3")
-    return kind(text)
+    value = kind(text)
+    # "3" stays 3, so that settings print as typed ("confidence_weight=3").
+    return int(text) if kind is float and text.lstrip("-").isdigit() else value
   except ValueError:
     article = "an" if kind is int else "a"
     raise SystemExit(f"{flag}: {name} must be {article} {kind.__name__}, got {text!r}.") from None
