@@ -27,9 +27,11 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - confidence term: `hinge` | `log_softmax` (`PerturbConfig.confidence`);
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
-- perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, a 10 px blur added to the
-  preset's noise; `fast` and `full` already blur, without noise, so it changes the other presets,
-  e.g. `pfc-blur-fast_noise`, noise and blur);
+- perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, `blur_fraction = 0`: a
+  fixed 10 px blur; added to the preset's noise on the noise presets, e.g.
+  `pfc-blur-fast_noise`, noise and blur; on `fast` and `full`, which blur without noise over
+  0.08 of the image side, it fixes that blur at 10 px: `pfc-blur` is the `fast` before that
+  scale);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
   `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -77,22 +79,23 @@ _DROP_OPTIONS = {"drop": {}, "drop_mean": {"masked_value": "mean"},
                  "drop_blur": {"masked_value": "blur"}, "drop_raw": {"normalization": "none"}}
 # The randomised model's key: fold_in(key(seed), this), an index no image reaches.
 _RANDOMIZATION_INDEX = 2 ** 32 - 1
+# Modifier name -> (the `ExplainConfig` part it edits, the fields it sets there).
 PFC_MODIFIERS = {
-    "published": ("perturb", "consistency", "published"),
-    "coalition": ("perturb", "consistency", "coalition"),
-    "off": ("perturb", "consistency", "off"),
-    "random": ("coalitions", "init", "random"),
-    "vgg16init": ("coalitions", "init", "vgg16"),
-    "pixel": ("perturb", "parameterization", "pixel"),
-    "region": ("perturb", "parameterization", "region"),
-    "lowres": ("perturb", "parameterization", "lowres"),
-    "guided": ("perturb", "parameterization", "guided"),
-    "hinge": ("perturb", "confidence", "hinge"),
-    "log_softmax": ("perturb", "confidence", "log_softmax"),
-    "constant": ("perturb", "schedule", "constant"),
-    "cosine": ("perturb", "schedule", "cosine"),
-    "smooth": ("perturb", "saliency_sigma", 8.0),
-    "blur": ("perturb", "blur_sigma", 10.0),
+    "published": ("perturb", dict(consistency="published")),
+    "coalition": ("perturb", dict(consistency="coalition")),
+    "off": ("perturb", dict(consistency="off")),
+    "random": ("coalitions", dict(init="random")),
+    "vgg16init": ("coalitions", dict(init="vgg16")),
+    "pixel": ("perturb", dict(parameterization="pixel")),
+    "region": ("perturb", dict(parameterization="region")),
+    "lowres": ("perturb", dict(parameterization="lowres")),
+    "guided": ("perturb", dict(parameterization="guided")),
+    "hinge": ("perturb", dict(confidence="hinge")),
+    "log_softmax": ("perturb", dict(confidence="log_softmax")),
+    "constant": ("perturb", dict(schedule="constant")),
+    "cosine": ("perturb", dict(schedule="cosine")),
+    "smooth": ("perturb", dict(saliency_sigma=8.0)),
+    "blur": ("perturb", dict(blur_sigma=10.0, blur_fraction=0.0)),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
@@ -192,16 +195,16 @@ def method_spec(name: str, preset: str) -> tuple[str, Any]:
   presets = [m for m in modifiers if m in PRESETS]
   edits = [m for m in modifiers if m not in PRESETS]
   unknown = [m for m in edits if m not in PFC_MODIFIERS]
-  fields = [PFC_MODIFIERS[m][:2] for m in edits if m in PFC_MODIFIERS]
+  fields = [(PFC_MODIFIERS[m][0], *PFC_MODIFIERS[m][1]) for m in edits if m in PFC_MODIFIERS]
   if unknown or len(presets) > 1 or len(set(fields)) != len(fields):
     raise ValueError(
         f"Bad PFC method {name!r}: modifiers are one preset of {PRESETS} and at most one of each "
         f"kind from {sorted(PFC_MODIFIERS)}.")
   config = ExplainConfig.preset(presets[0] if presets else preset)
   for modifier in edits:
-    part, field, value = PFC_MODIFIERS[modifier]
+    part, values = PFC_MODIFIERS[modifier]
     config = dataclasses.replace(
-        config, **{part: dataclasses.replace(getattr(config, part), **{field: value})})
+        config, **{part: dataclasses.replace(getattr(config, part), **values)})
   return "pfc", config
 
 

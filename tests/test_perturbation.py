@@ -274,7 +274,7 @@ def test_noise_std_scales_the_noise_and_zero_leaves_the_blur_alone():
   for bad in (-0.1, float("nan"), "1"):
     with pytest.raises(ValueError, match="`noise_std` must be >= 0"):
       PerturbConfig(noise_std=bad)
-  with pytest.raises(ValueError, match="needs `blur_sigma` > 0"):
+  with pytest.raises(ValueError, match="needs `blur_sigma` or `blur_fraction` > 0"):
     PerturbConfig(noise_std=0.0)
 
 
@@ -545,3 +545,34 @@ def test_guided_noise_follows_coalition_borders():
   jumps = np.abs(np.diff(w, axis=2)).max(-1)
   # Inside a coalition neighbours are smoothed; the larger jumps sit on coalition borders.
   assert jumps[same].max() <= 5.0 / 4 + 1e-5
+
+
+def test_blur_fraction_is_that_fraction_of_the_shorter_side_in_pixels():
+  """`blur_fraction` f gives the objective of `blur_sigma` = f * min(H, W) on a non-square image
+  (here 1.5 px of a 12 x 16 image), with or without noise; `blur_pixels` says which."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(12, 16, 3)).astype(np.float32)
+  w = rng.uniform(0, 1, size=(12, 16, 3)).astype(np.float32)
+  noise = rng.normal(size=(2, 12, 16, 3)).astype(np.float32)
+  labels = np.arange(12 * 16).reshape(12, 16) % 3
+  classifier = _tiny_classifier()
+  for noise_std in (0.0, 1.0):
+    base = PerturbConfig(confidence="log_softmax", consistency="coalition", noise_std=noise_std,
+                         blur_sigma=1.5)
+    relative = dataclasses.replace(base, blur_sigma=0.0, blur_fraction=0.125)
+    assert (base.blur_pixels(12, 16), relative.blur_pixels(12, 16)) == (1.5, 1.5)
+    assert relative.blur_pixels(64, 32) == 4.0
+    got, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1, classifier,
+                       relative)
+    expected, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1,
+                            classifier, base)
+    wider, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1,
+                         classifier, dataclasses.replace(relative, blur_fraction=0.25))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert abs(float(wider) - float(got)) > 1e-4
+  assert PerturbConfig().blur_pixels(224, 224) == 0.0
+  with pytest.raises(ValueError, match="At most one of `blur_sigma` .* and `blur_fraction`"):
+    PerturbConfig(blur_sigma=10.0, blur_fraction=0.08)
+  for bad in (-0.1, float("nan"), "0.1"):
+    with pytest.raises(ValueError, match="`blur_fraction` must be >= 0"):
+      PerturbConfig(blur_fraction=bad)

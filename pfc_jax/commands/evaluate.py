@@ -24,10 +24,11 @@ def add_parser(subparsers) -> None:
           "and, on the shapes benchmark, pointing game and relevance mass; writes the means to "
           "--out and prints them as a Markdown table. PFC methods: pfc[-MODIFIER...][-PRESET] with "
           "PRESET one of " + ", ".join(evaluation.PRESETS) + " (default: --preset) and modifiers "
-          + ", ".join(f"{name} ({field}={value})" for name, (_, field, value)
-                      in sorted(evaluation.PFC_MODIFIERS.items()))
-          + ", e.g. pfc-region-fast_lowres. A modifier whose value the preset already has "
-          "changes nothing (fast and full already blur: pfc-blur is pfc there)."))
+          + ", ".join(f"{name} ({', '.join(f'{field}={value}' for field, value in values.items())})"
+                      for name, (_, values) in sorted(evaluation.PFC_MODIFIERS.items()))
+          + ", e.g. pfc-region-fast_lowres. A modifier whose values the preset already has "
+          "changes nothing; on fast and full, which blur over 0.08 of the image side, pfc-blur "
+          "fixes the blur at 10 px."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
