@@ -28,10 +28,10 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - learning-rate schedule: `constant` | `cosine` (`PerturbConfig.schedule`);
 - saliency readout: `smooth` (`PerturbConfig.saliency_sigma = 8`, the map smoothed over 8 px);
 - perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, `blur_fraction = 0`: a
-  fixed 10 px blur; added to the preset's noise on the noise presets, e.g.
-  `pfc-blur-fast_noise`, noise and blur; on `fast` and `full`, which blur without noise over
-  0.08 of the image side, it fixes that blur at 10 px: `pfc-blur` is the `fast` before that
-  scale);
+  10 px blur added to the preset's noise, e.g. `pfc-blur-fast_noise`, noise and blur; `fast`
+  and `full` already blur so, without noise) | `relative_blur` (`blur_sigma = 0`,
+  `blur_fraction = 0.08`: the blur over 8% of the image side, 17.9 px at 224 px and 5.1 px at
+  64 px);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
   `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -96,6 +96,7 @@ PFC_MODIFIERS = {
     "cosine": ("perturb", dict(schedule="cosine")),
     "smooth": ("perturb", dict(saliency_sigma=8.0)),
     "blur": ("perturb", dict(blur_sigma=10.0, blur_fraction=0.0)),
+    "relative_blur": ("perturb", dict(blur_sigma=0.0, blur_fraction=0.08)),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.

@@ -97,11 +97,13 @@ def test_pfc_method_names_edit_the_preset():
       ExplainConfig.preset("fast").perturb, saliency_sigma=8.0)
   assert evaluation.method_spec("pfc-blur-fast_noise", "fast")[1].perturb == dataclasses.replace(
       ExplainConfig.preset("fast_noise").perturb, blur_sigma=10.0)
-  # On `fast` (blur over a fraction of the side), `blur` fixes the blur at 10 px instead.
-  assert evaluation.method_spec("pfc-blur", "fast")[1].perturb == dataclasses.replace(
-      ExplainConfig.preset("fast").perturb, blur_sigma=10.0, blur_fraction=0.0)
-  with pytest.raises(ValueError, match="at most one of each kind"):
-    evaluation.method_spec("pfc-pixel-region", "fast")
+  assert evaluation.method_spec("pfc-blur", "fast")[1] == ExplainConfig.preset("fast")
+  relative = evaluation.method_spec("pfc-relative_blur", "fast")[1].perturb
+  assert relative == dataclasses.replace(ExplainConfig.preset("fast").perturb, blur_sigma=0.0,
+                                         blur_fraction=0.08)
+  for both in ("pfc-pixel-region", "pfc-blur-relative_blur"):  # Two modifiers of one kind.
+    with pytest.raises(ValueError, match="at most one of each kind"):
+      evaluation.method_spec(both, "fast")
   assert evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-vgg16init",)))
   assert not evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-off", "gradcam")))
 

@@ -55,14 +55,13 @@ def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_diffe
     assert chosen.perturb.confidence == "log_softmax"
     # Adam moves about one learning rate per step: w can reach max_w with steps to spare.
     assert chosen.perturb.learning_rate * chosen.perturb.steps >= 2 * chosen.perturb.max_w
-    # Blur alone over 0.08 of the image side, deterministic: one sample per step computes the
-    # objective exactly.
-    assert (chosen.perturb.blur_sigma, chosen.perturb.blur_fraction) == (0.0, 0.08)
-    assert chosen.perturb.noise_std == 0.0
+    # Blur alone, deterministic: one sample per step computes the objective exactly.
+    assert (chosen.perturb.blur_sigma, chosen.perturb.noise_std) == (10.0, 0.0)
     assert chosen.perturb.noise_samples == 1
+  assert full.perturb == fast.perturb  # 500 steps were no better on the tuning data.
   assert fast.perturb.consistency == published.perturb.consistency == "published"
   noise = ExplainConfig.preset("fast_noise")
-  assert dataclasses.replace(fast.perturb, blur_fraction=0.0, noise_std=1.0, noise_samples=8,
+  assert dataclasses.replace(fast.perturb, blur_sigma=0.0, noise_std=1.0, noise_samples=8,
                              max_w=5.0) == noise.perturb
   assert dataclasses.replace(noise.perturb, parameterization="lowres", confidence="hinge",
                              confidence_weight=100.0) == lowres.perturb

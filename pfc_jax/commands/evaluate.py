@@ -27,8 +27,7 @@ def add_parser(subparsers) -> None:
           + ", ".join(f"{name} ({', '.join(f'{field}={value}' for field, value in values.items())})"
                       for name, (_, values) in sorted(evaluation.PFC_MODIFIERS.items()))
           + ", e.g. pfc-region-fast_lowres. A modifier whose values the preset already has "
-          "changes nothing; on fast and full, which blur over 0.08 of the image side, pfc-blur "
-          "fixes the blur at 10 px."))
+          "changes nothing (fast and full already blur: pfc-blur is pfc there)."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
