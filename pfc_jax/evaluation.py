@@ -30,8 +30,8 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - perturbation operator: `blur` (`PerturbConfig.blur_sigma = 10`, `blur_fraction = 0`: a
   10 px blur added to the preset's noise, e.g. `pfc-blur-fast_noise`, noise and blur; `fast`
   and `full` already blur so, without noise) | `relative_blur` (`blur_sigma = 0`,
-  `blur_fraction = 0.08`: the blur over 8% of the image side, 17.9 px at 224 px and 5.1 px at
-  64 px);
+  `blur_fraction = 0.08`: the blur over 8% of the image's shorter side, 17.9 px at 224 px and
+  5.1 px at 64 px, instead of 10 px; with the noise of a noise preset, like `blur`);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
   `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -196,11 +196,18 @@ def method_spec(name: str, preset: str) -> tuple[str, Any]:
   presets = [m for m in modifiers if m in PRESETS]
   edits = [m for m in modifiers if m not in PRESETS]
   unknown = [m for m in edits if m not in PFC_MODIFIERS]
-  fields = [(PFC_MODIFIERS[m][0], *PFC_MODIFIERS[m][1]) for m in edits if m in PFC_MODIFIERS]
-  if unknown or len(presets) > 1 or len(set(fields)) != len(fields):
+  kinds = {}  # (part, fields set) -> the modifiers that set them
+  for m in edits:
+    if m in PFC_MODIFIERS:
+      kinds.setdefault((PFC_MODIFIERS[m][0], *PFC_MODIFIERS[m][1]), []).append(m)
+  clashes = [group for group in kinds.values() if len(group) > 1]
+  if unknown or len(presets) > 1 or clashes:
+    problems = ([f"unknown modifier(s) {unknown}"] if unknown else []) + (
+        [f"several presets {presets}"] if len(presets) > 1 else []) + [
+        f"{' and '.join(group)} set the same setting" for group in clashes]
     raise ValueError(
-        f"Bad PFC method {name!r}: modifiers are one preset of {PRESETS} and at most one of each "
-        f"kind from {sorted(PFC_MODIFIERS)}.")
+        f"Bad PFC method {name!r}: {'; '.join(problems)}. Modifiers are one preset of {PRESETS} "
+        f"and at most one of each kind from {sorted(PFC_MODIFIERS)}.")
   config = ExplainConfig.preset(presets[0] if presets else preset)
   for modifier in edits:
     part, values = PFC_MODIFIERS[modifier]

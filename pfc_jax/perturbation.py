@@ -108,7 +108,7 @@ class PerturbConfig:
       s (truncated at 2 s) and rescales them to unit variance, so that eps stays N(0, 1) at
       each pixel but varies smoothly, like a blur rather than a texture. Default 0.0.
     noise_std: Standard deviation of eps, so the noise at a pixel has standard deviation
-      `noise_std * w`. 1 as published; 0 leaves the blur of `blur_sigma` as the only
+      `noise_std * w`. 1 as published; 0 leaves the blur (`blur_sigma`, `blur_fraction`) as the only
       perturbation (x + (w / max_w)(b - x), the blur perturbation of Meaningful Perturbations,
       Fong and Vedaldi, ICCV 2017, on PFC's coalition-shaped w): the objective is then
       deterministic and `noise_samples = 1` computes it exactly. 0 needs a blur
@@ -126,8 +126,8 @@ class PerturbConfig:
     blur_fraction: The same blur with its standard deviation given as a fraction of the image's
       shorter side, `blur_fraction * min(H, W)` pixels, so that one setting suits every image
       size (0.08: 17.9 px at 224 px, 5.1 px at 64 px; Meaningful Perturbations' 10 px at 224 px
-      is 0.045). At most one of `blur_sigma` and `blur_fraction` is > 0. Not in the paper.
-      Default 0.0.
+      is 0.045). At most 1; at most one of `blur_sigma` and `blur_fraction` is > 0. Not in
+      the paper. Default 0.0.
     saliency_sigma: Smoothing of the saliency read out of w, in pixels: 0 reads
       `1 - mean over channels of w` as it is; s > 0 takes its Gaussian-weighted local mean
       (standard deviation s, truncated at 2 s, normalised at the image border: `smooth_saliency`).
@@ -218,6 +218,9 @@ class PerturbConfig:
       if not (_is_finite_number(value) and (value > 0 if positive else value >= 0)):
         raise ValueError(f"`{name}` must be {'positive' if positive else '>= 0'} (a finite "
                          f"number), got {value!r}.")
+    if self.blur_fraction > 1:
+      raise ValueError(f"`blur_fraction` is a fraction of the image side, at most 1, got "
+                       f"{self.blur_fraction!r}.")
     if self.blur_sigma and self.blur_fraction:
       raise ValueError(f"At most one of `blur_sigma` ({self.blur_sigma!r}) and `blur_fraction` "
                        f"({self.blur_fraction!r}) may be > 0: both set the blur's scale.")
@@ -236,7 +239,7 @@ class PerturbConfig:
   def blur_pixels(self, height: int, width: int) -> float:
     """The blur's standard deviation in pixels for an image of `height x width` pixels (0: no
     blur): `blur_sigma`, or `blur_fraction * min(height, width)`."""
-    return self.blur_sigma or self.blur_fraction * min(height, width)
+    return float(self.blur_sigma or self.blur_fraction * min(height, width))
 
 
 def _is_finite_number(value) -> bool:
@@ -478,7 +481,8 @@ def _truncated_gaussian(sigma: float) -> np.ndarray:
   """`[2 r + 1] float64` unnormalised 1-D Gaussian exp(-d^2 / (2 sigma^2)), r = round(2 sigma)
   (at least 1): the window of `coalition_smoothing`, `smooth_saliency` and correlated noise."""
   radius = max(1, int(round(2 * sigma)))
-  return np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+  with np.errstate(over="ignore"):  # A tiny sigma leaves the centre tap alone, not NaN.
+    return np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
 
 
 def coalition_smoothing(field: jax.Array, labels: jax.Array, num_coalitions: int,

@@ -102,8 +102,11 @@ def test_pfc_method_names_edit_the_preset():
   assert relative == dataclasses.replace(ExplainConfig.preset("fast").perturb, blur_sigma=0.0,
                                          blur_fraction=0.08)
   for both in ("pfc-pixel-region", "pfc-blur-relative_blur"):  # Two modifiers of one kind.
-    with pytest.raises(ValueError, match="at most one of each kind"):
+    first, second = both.split("-")[1:]
+    with pytest.raises(ValueError, match=f"{first} and {second} set the same setting"):
       evaluation.method_spec(both, "fast")
+  with pytest.raises(ValueError, match=r"unknown modifier\(s\) \['relative'\]"):
+    evaluation.method_spec("pfc-relative-blur", "fast")
   assert evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-vgg16init",)))
   assert not evaluation.needs_vgg_params(evaluation.EvaluationConfig(methods=("pfc-off", "gradcam")))
 

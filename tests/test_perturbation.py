@@ -576,3 +576,11 @@ def test_blur_fraction_is_that_fraction_of_the_shorter_side_in_pixels():
   for bad in (-0.1, float("nan"), "0.1"):
     with pytest.raises(ValueError, match="`blur_fraction` must be >= 0"):
       PerturbConfig(blur_fraction=bad)
+  with pytest.raises(ValueError, match="`blur_fraction` is a fraction of the image side"):
+    PerturbConfig(blur_fraction=8.0)
+  # A vanishing blur leaves the image as it is (no NaN from the Gaussian's underflow).
+  tiny, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1, classifier,
+                      PerturbConfig(confidence="log_softmax", blur_fraction=1e-200))
+  none, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1, classifier,
+                      PerturbConfig(confidence="log_softmax"))
+  np.testing.assert_allclose(tiny, none, rtol=1e-6)

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
           + ", ".join(f"{name} ({', '.join(f'{field}={value}' for field, value in values.items())})"
                       for name, (_, values) in sorted(evaluation.PFC_MODIFIERS.items()))
           + ", e.g. pfc-region-fast_lowres. A modifier whose values the preset already has "
-          "changes nothing (fast and full already blur: pfc-blur is pfc there)."))
+          "changes nothing (fast and full already blur: pfc-blur is pfc there); blur_fraction is "
+          "a fraction of the image's shorter side."))
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", help="Weights file or source (see `pfc_jax.weights.load`).")
   parser.add_argument("--vgg-weights", help="VGG16 weights for `-vgg16init` PFC variants.")
