@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -231,6 +232,19 @@ def method_function(name: str, preset: str, vgg_params: Any = None) -> Method:
   return functools.partial(_pfc_saliency, config=config, vgg_params=vgg_params)
 
 
+def method_settings_id(name: str, preset: str) -> str:
+  """A 12-hex-digit fingerprint of everything method `name` computes with under `preset` (its
+  full `ExplainConfig`, or its baseline config): a records file keeps it with each score, so
+  that scores computed before a preset or modifier changed meaning are not resumed as if current.
+  """
+  kind, config = method_spec(name, preset)
+  if kind != "pfc":
+    config = TINY_BASELINES.get(kind) if preset == "tiny" else None
+  text = json.dumps([kind, dataclasses.asdict(config) if config is not None else "default"],
+                    sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, key: jax.Array, *,
                   config: Any, vgg_params: Any) -> jax.Array:
   """PFC saliency; PFC explains the predicted class itself, which is `target` by protocol."""
@@ -270,7 +284,8 @@ class RecordLog:
   """Per-image scores in a JSON-lines file, appended as they are computed.
 
   Line 1 is `{"settings": {...}}`; each further line is one record `{"method", "index",
-  <metric>: float, ..., "seconds"}`, `index` counting from the start of the data set; a metric
+  "settings_id", <metric>: float, ..., "seconds"}`, `index` counting from the start of the data
+  set, `settings_id` the method's `method_settings_id` (absent from files written before it); a metric
   that does not apply is `null`, and per-fraction curves are lists. A later line for the same
   method and image replaces an earlier one (protocols added later rewrite the record with more
   keys). A truncated last line (an interrupted write) is dropped.
@@ -487,9 +502,17 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     if masks.shape != images.shape[:3] or masks.dtype != bool:
       raise ValueError(
           f"`masks` must be {tuple(images.shape[:3])} bool, got {masks.shape} {masks.dtype}.")
+  settings_ids = {name: method_settings_id(name, config.preset) for name in config.methods}
   log = None
   if records is not None:
     log = RecordLog(records, _record_settings(model, config, settings))
+    stale = sorted({m for (m, _), r in log.records.items()
+                    if m in settings_ids and r.get("settings_id", settings_ids[m]) != settings_ids[m]})
+    if stale:
+      raise ValueError(
+          f"Records file {str(records)!r} holds scores of {', '.join(stale)} computed with other "
+          "settings of those methods (their preset or modifiers changed meaning since); choose "
+          "another records file.")
   store = None
   if maps_dir is not None:
     store = MapStore(maps_dir, {"model": model, "preset": config.preset, "seed": config.seed,
@@ -552,6 +575,8 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
                     **{key: _record_value(value[j]) for key, value in batch_scores.items()
                        if not (key in RANDOMIZATION and value[j] is None)}}
           record["seconds"] = old["seconds"] if old else seconds[j]
+          if old is None:  # Rows kept from files older than the fingerprint stay without one.
+            record["settings_id"] = settings_ids[name]
           new.append(record)
         if log:
           log.append(new)

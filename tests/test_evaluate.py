@@ -217,6 +217,32 @@ def test_records_resume_an_interrupted_evaluation(tmp_path, monkeypatch):
   assert calls == [] and again["methods"] == resumed["methods"]
 
 
+def test_records_of_a_method_whose_settings_changed_are_refused(tmp_path, monkeypatch):
+  """Each score keeps its method's settings fingerprint; a rerun after the method's meaning
+  changed (here: the `smooth` modifier's sigma) stops before computing anything."""
+  classifier = colour_classifier()
+  images, _ = colour_images(1)
+  config = evaluation.EvaluationConfig(methods=("gradcam", "pfc-smooth"), preset="tiny",
+                                       curve_steps=4)
+  path = tmp_path / "r.records.jsonl"
+  evaluation.evaluate(classifier, images, config, records=path, progress=False)
+  rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+  assert {r["method"]: r["settings_id"] for r in rows} == {
+      m: evaluation.method_settings_id(m, "tiny") for m in config.methods}
+  assert evaluation.method_settings_id("pfc-smooth", "tiny") != evaluation.method_settings_id(
+      "pfc", "tiny")
+  monkeypatch.setitem(evaluation.PFC_MODIFIERS, "smooth", ("perturb", dict(saliency_sigma=2.0)))
+  calls = _counting(monkeypatch)
+  with pytest.raises(ValueError, match=r"r\.records\.jsonl.*pfc-smooth computed with other"):
+    evaluation.evaluate(classifier, images, config, records=path, progress=False)
+  assert calls == []
+  # Rows written before the fingerprint existed are resumed as they are.
+  path.write_text("\n".join([path.read_text().splitlines()[0]] + [
+      json.dumps({k: v for k, v in r.items() if k != "settings_id"}) for r in rows]) + "\n")
+  evaluation.evaluate(classifier, images, config, records=path, progress=False)
+  assert calls == []
+
+
 def test_records_written_with_other_settings_are_refused(tmp_path):
   classifier = colour_classifier()
   images, _ = colour_images(1)
