@@ -240,8 +240,12 @@ def method_settings_id(name: str, preset: str) -> str:
   kind, config = method_spec(name, preset)
   if kind != "pfc":
     config = TINY_BASELINES.get(kind) if preset == "tiny" else None
-  text = json.dumps([kind, dataclasses.asdict(config) if config is not None else "default"],
-                    sort_keys=True, default=str)
+  return fingerprint([kind, dataclasses.asdict(config) if config is not None else "default"])
+
+
+def fingerprint(value: Any) -> str:
+  """12 hex digits identifying a JSON-like `value` (dataclasses as dicts, other leaves as text)."""
+  text = json.dumps(value, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -334,8 +338,9 @@ class MapStore:
   `DIR/settings.json` holds what determines the maps (model, weights, data, preset, seed); each
   method call adds `DIR/<method>/maps-FIRST-LAST.npz` (data-set indices of its first and last
   image), written atomically, with `indices [n] int64`, `maps [n, h, w]` (as the method returned
-  them: float32, or float16 for half-precision methods) and `seconds [n] float64` (the method's
-  time per image).
+  them: float32, or float16 for half-precision methods), `seconds [n] float64` (the method's
+  time per image) and `settings_id` (`method_settings_id` of the method that made them; files
+  written before it existed have none).
 
   Args:
     path: The folder; created when missing.
@@ -359,15 +364,27 @@ class MapStore:
     else:
       io.write_json(settings_path, settings)
     self._maps: dict[str, dict[int, tuple[np.ndarray, float]]] = {}
+    self._settings_ids: dict[str, set[str]] = {}
 
   def _method(self, method: str) -> dict[int, tuple[np.ndarray, float]]:
     if method not in self._maps:
-      self._maps[method] = {}
+      self._maps[method], self._settings_ids[method] = {}, set()
       for file in sorted((self.path / method).glob("maps-*.npz")):
         with np.load(file) as stored:
           for index, saliency, seconds in zip(stored["indices"], stored["maps"], stored["seconds"]):
             self._maps[method][int(index)] = (saliency, float(seconds))
+          if "settings_id" in stored:
+            self._settings_ids[method].add(str(stored["settings_id"]))
     return self._maps[method]
+
+  def check_settings(self, method: str, settings_id: str) -> None:
+    """Raises ValueError, naming the folder and `method`, when maps of `method` stored there
+    were made with another `method_settings_id` (maps stored without one pass)."""
+    self._method(method)
+    if self._settings_ids[method] - {settings_id}:
+      raise ValueError(
+          f"Maps folder {str(self.path)!r} holds maps of {method} made with other settings of "
+          "that method (its preset or modifiers changed meaning since); choose another folder.")
 
   def get(self, method: str, indices: list[int]) -> tuple[np.ndarray, list[float]] | None:
     """`(maps [n, h, w], seconds [n])` of `indices`, or None unless all are stored."""
@@ -376,13 +393,16 @@ class MapStore:
       return None
     return np.stack([stored[i][0] for i in indices]), [stored[i][1] for i in indices]
 
-  def put(self, method: str, indices: list[int], maps: np.ndarray, seconds: list[float]) -> None:
-    """Stores `maps [n, h, w]` of images `indices` and the method's `seconds` per image."""
+  def put(self, method: str, indices: list[int], maps: np.ndarray, seconds: list[float],
+          settings_id: str) -> None:
+    """Stores `maps [n, h, w]` of images `indices`, the method's `seconds` per image and its
+    `settings_id`."""
     io.write_npz(self.path / method / f"maps-{indices[0]:08d}-{indices[-1]:08d}.npz",
                  indices=np.asarray(indices, np.int64), maps=np.asarray(maps),
-                 seconds=np.asarray(seconds, np.float64))
+                 seconds=np.asarray(seconds, np.float64), settings_id=np.asarray(settings_id))
     self._method(method).update(
         {i: (m, t) for i, m, t in zip(indices, np.asarray(maps), seconds)})
+    self._settings_ids[method].add(settings_id)
 
 
 @jax.jit
@@ -517,6 +537,8 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
   if maps_dir is not None:
     store = MapStore(maps_dir, {"model": model, "preset": config.preset, "seed": config.seed,
                                 **(settings or {})})
+    for name, settings_id in settings_ids.items():
+      store.check_settings(name, settings_id)
   batches = _batches(count, config.batch_size)
   target = jnp.concatenate([_predictions(classifier, images[b])[:real] for b, real in batches])
   base_key = jax.random.key(config.seed)
@@ -548,8 +570,8 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
         if not missing:
           scores[name] += found
           continue
-        saliency, seconds = _maps(store, name, method, classifier, images[b], target[b], keys[b],
-                                  indices)
+        saliency, seconds = _maps(store, name, settings_ids[name], method, classifier, images[b],
+                                  target[b], keys[b], indices)
         batch_scores = {}
         for protocol in missing:
           if protocol == "localization":
@@ -592,9 +614,9 @@ def _keys(protocol: str) -> tuple[str, ...]:
       protocol, PROTOCOLS.get(protocol, ()))
 
 
-def _maps(store: MapStore | None, name: str, method: Method, classifier: Classifier,
-          images: jax.Array, target: jax.Array, keys: jax.Array, indices: list[int]
-          ) -> tuple[jax.Array, list[float]]:
+def _maps(store: MapStore | None, name: str, settings_id: str, method: Method,
+          classifier: Classifier, images: jax.Array, target: jax.Array, keys: jax.Array,
+          indices: list[int]) -> tuple[jax.Array, list[float]]:
   """Maps `[B, h, w]` of a batch and the method's seconds per real image: stored or computed."""
   stored = store.get(name, indices) if store else None
   if stored is not None:
@@ -605,7 +627,7 @@ def _maps(store: MapStore | None, name: str, method: Method, classifier: Classif
   saliency = jax.block_until_ready(method(classifier, images, target, keys))
   seconds = [(time.perf_counter() - start) / len(images)] * len(indices)  # Padding shares it.
   if store:
-    store.put(name, indices, np.asarray(saliency[:len(indices)]), seconds)
+    store.put(name, indices, np.asarray(saliency[:len(indices)]), seconds, settings_id)
   return saliency, seconds
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pfc_jax import data, metrics, models, weights
+from pfc_jax import data, evaluation, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
 from pfc_jax.explain import ExplainConfig, stage_keys
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
   records_path = Path(args.records)
   header = {"model": args.model, "weights": args.weights, "images": args.images,
             "benchmark_seed": None if args.images else args.benchmark_seed, "seed": args.seed,
-            "preset": args.preset, "perturb": edits}
+            "preset": args.preset, "perturb": edits,
+            "config_id": evaluation.fingerprint(dataclasses.asdict(base))}
   if args.road:
     header["road"] = True
   if args.saliency_sigma:
@@ -203,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
   done = {}
   if records_path.exists():
     lines = records_path.read_text().splitlines()
-    if json.loads(lines[0]) != {"settings": header}:
+    found = json.loads(lines[0]).get("settings", {})
+    if "config_id" not in found:  # Written before the fingerprint: compared without it.
+      found = {**found, "config_id": header["config_id"]}
+    if found != header:
       raise SystemExit(f"{records_path} was written with other settings: {lines[0]}")
     for line in lines[1:]:
       try:

@@ -243,6 +243,28 @@ def test_records_of_a_method_whose_settings_changed_are_refused(tmp_path, monkey
   assert calls == []
 
 
+def test_maps_of_a_method_whose_settings_changed_are_refused(tmp_path, monkeypatch):
+  """A maps folder keeps each method's settings fingerprint with its maps, as records do."""
+  classifier = colour_classifier()
+  images, _ = colour_images(1)
+  config = evaluation.EvaluationConfig(methods=("pfc-smooth",), preset="tiny", curve_steps=4)
+  maps = tmp_path / "maps"
+  evaluation.evaluate(classifier, images, config, maps_dir=maps, progress=False)
+  [file] = (maps / "pfc-smooth").iterdir()
+  with np.load(file) as stored:
+    assert str(stored["settings_id"]) == evaluation.method_settings_id("pfc-smooth", "tiny")
+    kept = dict(stored)
+  monkeypatch.setitem(evaluation.PFC_MODIFIERS, "smooth", ("perturb", dict(saliency_sigma=2.0)))
+  calls = _counting(monkeypatch)
+  with pytest.raises(ValueError, match=r"maps.*pfc-smooth made with other settings"):
+    evaluation.evaluate(classifier, images, config, maps_dir=maps, progress=False)
+  assert calls == []
+  # Maps stored before the fingerprint existed are used as they are.
+  np.savez(file, **{k: v for k, v in kept.items() if k != "settings_id"})
+  evaluation.evaluate(classifier, images, config, maps_dir=maps, progress=False)
+  assert calls == []
+
+
 def test_records_written_with_other_settings_are_refused(tmp_path):
   classifier = colour_classifier()
   images, _ = colour_images(1)

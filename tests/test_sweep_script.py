@@ -1,6 +1,7 @@
 """`scripts/sweep.py`: the coalition cache gives the labels `explain_sweep` computes, and a run
 from the cache reproduces a run without it."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -99,3 +100,28 @@ def test_assignments_take_their_fields_types_and_keep_the_typed_numbers():
   assert parsed == {("confidence_weight",): [(3,), (0.5,), (pytest.approx(float("nan"), nan_ok=True),)],
                     ("max_w", "noise_samples"): [(2, 4)], ("confidence",): [("hinge",)]}
   assert isinstance(parsed[("max_w", "noise_samples")][0][1], int)
+
+
+def test_records_of_a_preset_that_changed_meaning_are_refused(tmp_path, monkeypatch):
+  """The records header keeps a fingerprint of the full config, so a rerun after the preset
+  changed meaning does not resume scores computed under the former one; a header written before
+  the fingerprint existed is compared without it."""
+  records = tmp_path / "r.jsonl"
+  args = ["--model", "shapes_cnn", "--num-images", "1", "--preset", "tiny", "--sweep", "max_w=1",
+          "--records", str(records)]
+  sweep.main(args)
+  lines = records.read_text().splitlines()
+  header = json.loads(lines[0])["settings"]
+  assert len(header["config_id"]) == 12
+
+  tiny = ExplainConfig.preset("tiny")
+  changed = dataclasses.replace(tiny, perturb=dataclasses.replace(tiny.perturb, steps=tiny.perturb.steps + 1))
+  monkeypatch.setattr(ExplainConfig, "preset", lambda name: changed)
+  with pytest.raises(SystemExit, match="other settings"):
+    sweep.main(args)
+  monkeypatch.undo()
+
+  del header["config_id"]
+  records.write_text("\n".join([json.dumps({"settings": header})] + lines[1:]) + "\n")
+  sweep.main(args)  # Resumed: nothing recomputed, nothing appended.
+  assert records.read_text().splitlines()[1:] == lines[1:]
