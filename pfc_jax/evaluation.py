@@ -98,6 +98,9 @@ PFC_MODIFIERS = {
     "smooth": ("perturb", dict(saliency_sigma=8.0)),
     "blur": ("perturb", dict(blur_sigma=10.0, blur_fraction=0.0)),
     "relative_blur": ("perturb", dict(blur_sigma=0.0, blur_fraction=0.08)),
+    "preservation": ("perturb", dict(deletion_weight=0.0, with_preservation_game=False)),
+    "dual": ("perturb", dict(deletion_weight=10.0, with_preservation_game=False)),
+    "two_games": ("perturb", dict(deletion_weight=10.0, with_preservation_game=True)),
 }
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.

@@ -80,6 +80,16 @@ class PerturbConfig:
       target's probability under the complementary noise `eps * (max_w - w)`, which is large
       where w is small. Not in the paper; nonzero doubles the classifier's batch per step.
       Default 0.0 (off).
+    with_preservation_game: Also optimise w without the deletion term (the preservation game
+      alone, on the same coalitions, keys and settings) and return the mean of the two runs'
+      min-max normalised saliency maps. The preservation game marks evidence that suffices to
+      keep the class; with the deletion term (the dual game) w also marks evidence whose
+      removal destroys the class, which the most-relevant-first removal metrics reward, but on
+      images where no removal of the object destroys the class the dual game may mark
+      background instead. The mean keeps both: on the tuning data it kept the deletion term's
+      gain on ROAD MoRF and the preservation game's pointing game (README, "Two games").
+      Needs `deletion_weight` > 0; costs one more run of the preservation objective. Not in
+      the paper (the two games are Fong and Vedaldi's, ICCV 2017). Default False.
     consistency: Which consistency term: "published" (the paper's formula, which does not
       depend on the coalitions, see `objective`), "coalition" (Gaussian-weighted deviation of w
       from its mean inside each coalition) or "off" (term is zero; the ablation).
@@ -172,6 +182,7 @@ class PerturbConfig:
   consistency_weight: float = 1.0
   smoothness_weight: float = 0.0
   deletion_weight: float = 0.0
+  with_preservation_game: bool = False
   consistency: Consistency = "published"
   sigma: float = 1.0
   kernel_size: int = 5
@@ -224,6 +235,12 @@ class PerturbConfig:
     if self.blur_sigma and self.blur_fraction:
       raise ValueError(f"At most one of `blur_sigma` ({self.blur_sigma!r}) and `blur_fraction` "
                        f"({self.blur_fraction!r}) may be > 0: both set the blur's scale.")
+    if not isinstance(self.with_preservation_game, bool):
+      raise ValueError(f"`with_preservation_game` must be a bool, got "
+                       f"{self.with_preservation_game!r}.")
+    if self.with_preservation_game and not self.deletion_weight:
+      raise ValueError("`with_preservation_game` needs `deletion_weight` > 0: without the "
+                       "deletion term both runs would be the preservation game.")
     if self.noise_std == 0 and not (self.blur_sigma or self.blur_fraction):
       raise ValueError("`noise_std` = 0 needs `blur_sigma` or `blur_fraction` > 0: otherwise "
                        "nothing is perturbed.")
@@ -275,12 +292,15 @@ class Perturbation(NamedTuple):
   """Result of `perturb` for a batch of B images (`perturb_sweep`: `[K, B, ...]` arrays).
 
   Attributes:
-    w: `[B, H, W, 3] float32` optimised noise scale in [0, max_w].
+    w: `[B, H, W, 3] float32` optimised noise scale in [0, max_w] (with
+      `PerturbConfig.with_preservation_game`: the mean of the two games' w).
     saliency: `[B, H, W] float32` 1 - mean over channels of w (not normalised), smoothed
-      when `PerturbConfig.saliency_sigma` > 0.
+      when `PerturbConfig.saliency_sigma` > 0 (with `with_preservation_game`: the mean of the
+      two games' maps, each min-max normalised, so in [0, 1]).
     target: `[B] int32` class explained: argmax of the logits on the clean image.
     probs: `[B] float32` softmax probability of `target` on the clean image.
-    losses: `[B, steps] float32` objective at each step (before that step's update).
+    losses: `[B, steps] float32` objective at each step (before that step's update; with
+      `with_preservation_game`, the mean of the two games' objectives).
   """
 
   w: jax.Array
@@ -701,7 +721,7 @@ def _check_labels(labels, images_shape, max_coalitions: int) -> jax.Array:
   return jnp.asarray(labels, jnp.int32)
 
 
-def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
+def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
   """Optimises every image of the batch in `config.batching`'s layout; `hyper` holds `[B]`
   arrays."""
   static = dataclasses.replace(config, batching="auto", driver="auto")  # One compilation for all.
@@ -709,6 +729,29 @@ def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
       _STAGE, static, classifier, (images, labels, keys, hyper), config.steps,
       batching=config.batching, driver=config.driver)
   return Perturbation(w=w, saliency=saliency, target=target, probs=probs, losses=losses)
+
+
+def _min_max(saliency: jax.Array) -> jax.Array:
+  """`saliency [B, H, W]` scaled per map to [0, 1] (a constant map becomes 0)."""
+  low = saliency.min(axis=(1, 2), keepdims=True)
+  span = saliency.max(axis=(1, 2), keepdims=True) - low
+  return jnp.where(span > 0, (saliency - low) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
+def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
+  """`_run_game`, and with `config.with_preservation_game` the mean of the dual and the
+  preservation game (`PerturbConfig.with_preservation_game`)."""
+  dual = _run_game(classifier, images, labels, keys, config, hyper)
+  if not config.with_preservation_game:
+    return dual
+  preservation = _run_game(
+      classifier, images, labels, keys,
+      dataclasses.replace(config, deletion_weight=0.0, with_preservation_game=False),
+      hyper._replace(deletion_weight=jnp.zeros_like(hyper.deletion_weight)))
+  return dual._replace(
+      w=(dual.w + preservation.w) / 2,
+      saliency=(_min_max(dual.saliency) + _min_max(preservation.saliency)) / 2,
+      losses=(dual.losses + preservation.losses) / 2)
 
 
 def _check_common(classifier, images, labels, key, config):

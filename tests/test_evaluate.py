@@ -101,7 +101,13 @@ def test_pfc_method_names_edit_the_preset():
   relative = evaluation.method_spec("pfc-relative_blur", "fast")[1].perturb
   assert relative == dataclasses.replace(ExplainConfig.preset("fast").perturb, blur_sigma=0.0,
                                          blur_fraction=0.08)
-  for both in ("pfc-pixel-region", "pfc-blur-relative_blur"):  # Two modifiers of one kind.
+  fast = ExplainConfig.preset("fast").perturb
+  assert evaluation.method_spec("pfc-two_games", "fast")[1] == ExplainConfig.preset("fast")
+  assert evaluation.method_spec("pfc-preservation", "fast")[1].perturb == dataclasses.replace(
+      fast, deletion_weight=0.0, with_preservation_game=False)
+  assert evaluation.method_spec("pfc-dual", "fast")[1].perturb == dataclasses.replace(
+      fast, deletion_weight=10.0, with_preservation_game=False)
+  for both in ("pfc-pixel-region", "pfc-blur-relative_blur", "pfc-dual-two_games"):
     first, second = both.split("-")[1:]
     with pytest.raises(ValueError, match=f"{first} and {second} set the same setting"):
       evaluation.method_spec(both, "fast")

@@ -58,11 +58,14 @@ def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_diffe
     # Blur alone, deterministic: one sample per step computes the objective exactly.
     assert (chosen.perturb.blur_sigma, chosen.perturb.noise_std) == (10.0, 0.0)
     assert chosen.perturb.noise_samples == 1
+    # The map is the mean of the preservation game's and the dual game's.
+    assert chosen.perturb.with_preservation_game and chosen.perturb.deletion_weight == 10.0
   assert full.perturb == fast.perturb  # 500 steps were no better on the tuning data.
   assert fast.perturb.consistency == published.perturb.consistency == "published"
   noise = ExplainConfig.preset("fast_noise")
   assert dataclasses.replace(fast.perturb, blur_sigma=0.0, noise_std=1.0, noise_samples=8,
-                             max_w=5.0) == noise.perturb
+                             max_w=5.0, deletion_weight=0.0,
+                             with_preservation_game=False) == noise.perturb
   assert dataclasses.replace(noise.perturb, parameterization="lowres", confidence="hinge",
                              confidence_weight=100.0) == lowres.perturb
   assert dataclasses.replace(lowres.perturb, parameterization="pixel", max_w=1.0,

@@ -215,6 +215,45 @@ def test_the_deletion_term_marks_redundant_evidence(deletion_weight):
     assert large < 0.3, large
 
 
+def _np_min_max(maps):
+  low = maps.min(axis=(1, 2), keepdims=True)
+  span = maps.max(axis=(1, 2), keepdims=True) - low
+  return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def test_with_preservation_game_averages_the_normalised_maps_of_both_games():
+  images, labels = _batch(seed=3)
+  dual = dataclasses.replace(CONFIG, deletion_weight=3.0)
+  both = perturb(_tiny_classifier(), images, labels, jax.random.key(4),
+                 dataclasses.replace(dual, with_preservation_game=True))
+  runs = [perturb(_tiny_classifier(), images, labels, jax.random.key(4), config)
+          for config in (dual, CONFIG)]  # CONFIG: the same objective without the deletion term
+  assert not np.allclose(runs[0].saliency, runs[1].saliency)
+  np.testing.assert_allclose(
+      both.saliency, (_np_min_max(np.asarray(runs[0].saliency))
+                      + _np_min_max(np.asarray(runs[1].saliency))) / 2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(both.w, (runs[0].w + runs[1].w) / 2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(both.target, runs[0].target)
+  assert both.saliency.min() >= 0 and both.saliency.max() <= 1
+  with pytest.raises(ValueError, match="with_preservation_game` needs `deletion_weight"):
+    dataclasses.replace(CONFIG, with_preservation_game=True)
+  with pytest.raises(ValueError, match="with_preservation_game` must be a bool"):
+    dataclasses.replace(dual, with_preservation_game=1)
+
+
+def test_sweep_members_with_preservation_game_equal_single_runs():
+  from pfc_jax.perturbation import perturb_sweep
+  images, labels = _batch(seed=8)
+  base = dataclasses.replace(CONFIG, deletion_weight=1.0, with_preservation_game=True)
+  settings = {"deletion_weight": [1.0, 10.0], "mask_weight": [0.1, 1.0]}
+  swept = perturb_sweep(_tiny_classifier(), images, labels, jax.random.key(2), base, settings)
+  for k in range(2):
+    single = perturb(_tiny_classifier(), images, labels, jax.random.key(2),
+                     dataclasses.replace(base, **{f: v[k] for f, v in settings.items()}))
+    np.testing.assert_allclose(swept.saliency[k], single.saliency, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(swept.saliency[0], swept.saliency[1])
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_learning_rate_schedule(schedule):
   # With the mask term alone the gradient is a constant, so each Adam step moves w by exactly
