@@ -83,7 +83,7 @@ class ExplainConfig:
       what it covers (`blur_sigma=10`, `noise_std=0`: no noise, so S = 1) up to max_w = 1,
       `confidence="log_softmax"` with weight 3, learning rate 0.2; the map is the mean of the
       preservation game's and of the dual game's (`deletion_weight=10`,
-      `with_preservation_game=True`). About 24 s per 224 px photo on 2 idle CPU cores
+      `with_preservation_game=True`). About 19 s per 224 px photo on 2 idle CPU cores
       (SqueezeNet;
       `python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast
       --images DIR`). Faithfulness against the baselines: see the README.

@@ -201,7 +201,7 @@ def panel(image01, labels, saliency, title: str = "", min_side: int = PANEL_MIN_
   num_coalitions = np.unique(labels).size
   captions = _text_strip(pictures.shape[1], _CAPTION_HEIGHT, [
       (0, "image"), (width + _GAP, f"{num_coalitions} coalition" + "s" * (num_coalitions != 1)),
-      (2 * (width + _GAP), "saliency (1 - mean w; higher = more relevant)")], _CAPTION_FONT)
+      (2 * (width + _GAP), "saliency (higher = more relevant)")], _CAPTION_FONT)
   title_strip = _text_strip(pictures.shape[1], _TITLE_HEIGHT, [(0, title)], _TITLE_FONT)
   return np.concatenate([title_strip, captions, pictures], axis=0)
 
