@@ -122,7 +122,9 @@ class Explanation(NamedTuple):
 
   Attributes:
     saliency: `[B, H, W] float32` 1 - mean over channels of w: high where the classifier
-      tolerates little noise (not normalised; `pfc_jax.metrics` min-max normalises).
+      tolerates little noise (not normalised; `pfc_jax.metrics` min-max normalises). With
+      `PerturbConfig.with_preservation_game` (the "fast" and "full" presets): the mean of the
+      two games' maps, each min-max normalised, in [0, 1].
     labels: `[B, H, W] int32` feature coalition of each pixel, 0..num_coalitions-1.
     num_coalitions: `[B] int32` coalitions per image.
     target: `[B] int32` explained class: the classifier's prediction on the clean image.

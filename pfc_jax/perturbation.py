@@ -51,6 +51,7 @@ from pfc_jax import _inputs
 from pfc_jax import _loop
 from pfc_jax import _precision
 from pfc_jax import regions as regions_lib
+from pfc_jax.baselines._common import min_max_normalize
 from pfc_jax.classifier import Classifier
 
 Consistency = Literal["published", "coalition", "off"]
@@ -731,13 +732,6 @@ def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
   return Perturbation(w=w, saliency=saliency, target=target, probs=probs, losses=losses)
 
 
-def _min_max(saliency: jax.Array) -> jax.Array:
-  """`saliency [B, H, W]` scaled per map to [0, 1] (a constant map becomes 0)."""
-  low = saliency.min(axis=(1, 2), keepdims=True)
-  span = saliency.max(axis=(1, 2), keepdims=True) - low
-  return jnp.where(span > 0, (saliency - low) / jnp.where(span > 0, span, 1.0), 0.0)
-
-
 def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
   """`_run_game`, and with `config.with_preservation_game` the mean of the dual and the
   preservation game (`PerturbConfig.with_preservation_game`)."""
@@ -750,7 +744,7 @@ def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
       hyper._replace(deletion_weight=jnp.zeros_like(hyper.deletion_weight)))
   return dual._replace(
       w=(dual.w + preservation.w) / 2,
-      saliency=(_min_max(dual.saliency) + _min_max(preservation.saliency)) / 2,
+      saliency=(min_max_normalize(dual.saliency) + min_max_normalize(preservation.saliency)) / 2,
       losses=(dual.losses + preservation.losses) / 2)
 
 
