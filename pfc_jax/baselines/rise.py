@@ -38,8 +38,9 @@ class RISEConfig:
 def _one_mask(config: RISEConfig, key: jax.Array, height: int, width: int) -> jax.Array:
   """One RISE mask `[H, W] float32` in [0, 1] drawn from `key` (see `random_masks`)."""
   cell_h, cell_w = -(-height // config.cells), -(-width // config.cells)
-  # One uniform draw for the grid cells and the two shifts: one PRNG call to compile.
-  draws = jax.random.uniform(key, (config.cells * config.cells + 2,))
+  # One uniform draw for the grid cells and the two shifts: one PRNG call to compile; float32,
+  # so that `jax_enable_x64` draws the same masks.
+  draws = jax.random.uniform(key, (config.cells * config.cells + 2,), jnp.float32)
   grid = (draws[:-2] < config.keep_probability).reshape(config.cells, config.cells)
   upsampled = jax.image.resize(
       grid.astype(jnp.float32), ((config.cells + 1) * cell_h, (config.cells + 1) * cell_w),
