@@ -52,6 +52,7 @@ import numpy as np
 import tqdm
 
 from pfc_jax import io, parallel
+from pfc_jax.classifier import check_classifier
 from pfc_jax.explain import ExplainConfig
 from pfc_jax.sources import BadItemError
 
@@ -363,6 +364,7 @@ def _explain_batch(source, indices: list[int], classifier, config: ExplainConfig
   padded = indices + [indices[-1]] * (global_size - len(indices))
   rows = padded[parallel.process_slice(global_size, mesh)] if jax.process_count() > 1 else padded
   ids, images, failures = _read_rows(source, rows)
+  check_classifier(classifier, images)  # Also where `sharded_explain` traces `explain`.
   explanation = parallel.sharded_explain(
       classifier, images, parallel.image_keys(seed, rows), config, mesh, vgg_params)
   gathered = parallel.allgather_objects({"ids": ids, "failures": failures})
