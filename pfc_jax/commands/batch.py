@@ -2,8 +2,9 @@
 
 Exit codes: 0 when every item is explained; 1 when some or all items could not be read (they
 are listed in OUT/failures.jsonl; the others are explained), as `pfc-jax explain` does; 2 for
-a usage error, settings that differ from the job already in --out, or another job running on
---out; 130 (Ctrl-C, SIGINT) or 143 (SIGTERM) when stopped, after saving every finished image.
+a usage error, settings or inputs that differ from the job already in --out (an image replaced,
+renamed, added or removed since the job started: the message names them), or another job
+running on --out; 130 (Ctrl-C, SIGINT) or 143 (SIGTERM) when stopped, after saving every finished image.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def add_parser(subparsers) -> None:
       description=(
           "Explains every image of a folder, glob or tfds split into --out, saving each "
           "compute batch atomically as soon as it is done. Run the same command again to "
-          "resume (with any --chunk-size): saved images are skipped. Ctrl-C or SIGTERM stops "
+          "resume (with any --chunk-size): saved images are skipped; inputs changed since the "
+          "job started are refused, naming them. Ctrl-C or SIGTERM stops "
           "at once and keeps what is saved (exit 130 or 143). Unreadable items go to "
           "OUT/failures.jsonl and the job carries on; the exit code is then 1."))
   source = parser.add_mutually_exclusive_group(required=True)
