@@ -16,9 +16,10 @@ existing output folder. It also records what the inputs are (`source.identity()`
 file's name, size and modification time; a tfds split's version and size), and a resume whose
 inputs changed since the job started (an item replaced, renamed, added or removed) is refused,
 naming the items, rather than mixing results of the old and the new inputs; the ids of a few
-saved items are also read back from the source and compared. A folder written before identities
-were recorded (manifest format 2 and older) cannot be checked: it is resumed with a warning,
-and the identities of the inputs found then are recorded for later runs. While a job runs it holds `job.lock` in its folder, so a second job on
+saved items are also read back from the source and compared. So is a resume by another pfc-jax
+version, whose results may differ. A folder written before identities were recorded (manifest
+format 2 and older) cannot be checked: it is resumed with a warning, and the identities of the
+inputs found then, and the version, are recorded for later runs. While a job runs it holds `job.lock` in its folder, so a second job on
 the same folder is refused rather than interleaved; the lock is an `flock`, which the
 operating system releases however the process ends, and the file names the holder's PID. A
 lock left by a process that has ended is taken over.
@@ -57,6 +58,7 @@ import jax
 import numpy as np
 import tqdm
 
+import pfc_jax
 from pfc_jax import io, parallel, sources
 from pfc_jax.classifier import check_classifier
 from pfc_jax.explain import ExplainConfig
@@ -66,6 +68,7 @@ _FORMAT_VERSION = 3  # 3: manifests record the inputs' identity ("items").
 # Manifest entries recorded for information only: resuming with other values is allowed.
 _UNCHECKED = ("format", "chunk_size")
 _ITEMS = "items"  # The inputs' identity, compared item by item (`sources.identity_changes`).
+_VERSION = "pfc_jax"  # The pfc-jax version that computed the results.
 _ID_CHECKS = 8  # Saved items whose ids are read back from the source on resume.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _ACCELERATOR_CHUNK_SIZE = 64
@@ -120,7 +123,7 @@ def build_manifest(source, config: ExplainConfig, chunk_size: int, seed: int,
   return json.loads(json.dumps({
       "format": _FORMAT_VERSION, "input": source.describe(), "chunk_size": int(chunk_size),
       "seed": int(seed), "settings": settings, "config": dataclasses.asdict(config),
-      _ITEMS: source.identity()}))
+      _VERSION: pfc_jax.__version__, _ITEMS: source.identity()}))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -135,8 +138,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
   """Checks `manifest` against the one stored in `out_dir`, except the informational entries.
 
-  The settings are compared entry by entry, the inputs' identities item by item. A stored
-  manifest without identities (written before they were recorded) passes the item check.
+  The settings and the pfc-jax version are compared entry by entry, the inputs' identities
+  item by item. A stored manifest without identities and version (written before they were
+  recorded) passes those two checks.
 
   Returns:
     The stored manifest, or None when `out_dir` holds none.
@@ -153,8 +157,9 @@ def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, A
   if stored_manifest.get("format", 0) > _FORMAT_VERSION:
     raise ValueError(f"`out` {str(out_dir)!r} was written by a newer pfc-jax (format "
                      f"{stored_manifest['format']}); upgrade pfc-jax or use another output folder.")
-  without_items = lambda m: {key: value for key, value in m.items() if key != _ITEMS}
-  stored, wanted = _flatten(without_items(stored_manifest)), _flatten(without_items(manifest))
+  checked = lambda m: {key: value for key, value in m.items()
+                       if key != _ITEMS and (key != _VERSION or _VERSION in stored_manifest)}
+  stored, wanted = _flatten(checked(stored_manifest)), _flatten(checked(manifest))
   differences = [f"{key}: {stored.get(key, '<missing>')!r} there, {wanted.get(key, '<missing>')!r} now"
                  for key in sorted(set(stored) | set(wanted))
                  if key not in _UNCHECKED and stored.get(key) != wanted.get(key)]
@@ -451,7 +456,8 @@ def _prepare(out_dir: Path, manifest: dict[str, Any], source,
         f"inputs are, so whether they changed since the job started cannot be checked; its "
         f"{len(saved.done)} saved items are kept. What the inputs are now is recorded, and "
         "later runs check it.", stacklevel=3)
-    io.write_json(out_dir / io.MANIFEST_NAME, {**stored, _ITEMS: manifest[_ITEMS]})
+    io.write_json(out_dir / io.MANIFEST_NAME,
+                  {**stored, _VERSION: manifest[_VERSION], _ITEMS: manifest[_ITEMS]})
   _write_failures(out_dir, saved.failures)
   return [i for i in range(num_items) if i not in saved.done], saved.failures
 

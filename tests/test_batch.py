@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pfc_jax
 from batch_job_main import run_batch_command
 from pfc_jax import batch, io, models, sources, weights
 from pfc_jax.explain import ExplainConfig
@@ -168,15 +169,15 @@ def test_manifest_without_identities_resumes_with_a_warning_and_records_them(tmp
   command = ["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]
   assert run_batch_command(command) == 0
   manifest = json.loads((out / io.MANIFEST_NAME).read_text())
-  old = {key: value for key, value in manifest.items() if key != "items"}
+  old = {key: value for key, value in manifest.items() if key not in ("items", "pfc_jax")}
   io.write_json(out / io.MANIFEST_NAME, {**old, "format": 2})  # As pfc-jax wrote it before.
   capsys.readouterr()
   assert run_batch_command(command) == 0
   captured = capsys.readouterr()
   assert "did not record what the inputs are" in captured.err and "2 saved items are kept" in captured.err
   assert "2 items, 2 done before; 0 explained now" in captured.out
-  assert json.loads((out / io.MANIFEST_NAME).read_text()) == {**old, "format": 2,
-                                                              "items": manifest["items"]}
+  assert json.loads((out / io.MANIFEST_NAME).read_text()) == {
+      **old, "format": 2, "pfc_jax": pfc_jax.__version__, "items": manifest["items"]}
   _save_png(tmp_path / "in" / f"{ids[0]}.png", 20)
   assert run_batch_command(command) == 2  # Checked from now on.
   assert f"changed {ids[0]}.png" in capsys.readouterr().err
@@ -203,6 +204,18 @@ def test_tfds_resume_checks_the_version_and_the_saved_ids(tmp_path):
     io.write_npz(path, **{**arrays, "ids": np.array(["test:0", "test:9", "test:2"])})
     with pytest.raises(ValueError, match="item 1 is 'test:1' now but 'test:9' in results-00000000"):
       run()
+
+
+def test_resume_by_another_pfc_jax_version_is_refused(tmp_path, capsys):
+  _write_images(tmp_path / "in", 1)
+  out = tmp_path / "out"
+  command = ["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]
+  assert run_batch_command(command) == 0
+  manifest = json.loads((out / io.MANIFEST_NAME).read_text())
+  assert manifest["pfc_jax"] == pfc_jax.__version__
+  io.write_json(out / io.MANIFEST_NAME, {**manifest, "pfc_jax": "0.0.9"})
+  assert run_batch_command(command) == 2
+  assert f"pfc_jax: '0.0.9' there, '{pfc_jax.__version__}' now" in capsys.readouterr().err
 
 
 def test_read_results_needs_a_manifest(tmp_path):
