@@ -25,7 +25,8 @@ class Classifier:
   or `models.classifier`'s cached one) to avoid recompiling.
 
   Attributes:
-    apply_fn: `apply_fn(params, x) -> logits [B, C]` for normalised NHWC images `x [B, H, W, 3]`.
+    apply_fn: `apply_fn(params, x) -> logits [B, C]` for normalised NHWC images `x [B, H, W, 3]`
+      (every entry point checks this once: `check_classifier`).
     params: The classifier's variables (any pytree of arrays).
     mean: Per-channel mean subtracted after scaling, in the model's channel order.
     std: Per-channel standard deviation divided by, in the model's channel order.
@@ -71,8 +72,10 @@ jax.tree_util.register_dataclass(
 
 # Rows of logits within this of summing to 1, all >= 0, look like probabilities.
 _PROBABILITY_TOLERANCE = 1e-2
-# Classifier structures (static parts and parameter shapes) whose clean outputs were checked.
+# Classifier structures (static parts and parameter shapes) whose clean outputs were checked;
+# forgotten all at once past `_MAX_CHECKED` (a program that keeps making new `apply_fn`s).
 _VALUES_CHECKED: set[Any] = set()
+_MAX_CHECKED = 256
 
 
 def _describe(output: Any) -> str:
@@ -154,6 +157,8 @@ def check_classifier(classifier: Any, images01: Any) -> int:
   if isinstance(images01, jax.core.Tracer) or checked in _VALUES_CHECKED:
     return count
   logits = np.asarray(_clean_logits(classifier, images01), np.float64)
+  if len(_VALUES_CHECKED) >= _MAX_CHECKED:
+    _VALUES_CHECKED.clear()
   _VALUES_CHECKED.add(checked)
   if (count > 1 and logits.size and (logits >= 0).all()
       and (np.abs(logits.sum(axis=1) - 1) <= _PROBABILITY_TOLERANCE).all()):
