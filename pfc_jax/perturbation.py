@@ -722,10 +722,21 @@ def _check_labels(labels, images_shape, max_coalitions: int) -> jax.Array:
   return jnp.asarray(labels, jnp.int32)
 
 
+def static_part(config: PerturbConfig) -> PerturbConfig:
+  """The part of `config` that the compiled programs depend on: `config` with every
+  `SWEEPABLE` value replaced by a placeholder, since those reach the programs as traced
+  `Hyperparameters` (a loss weight keeps only whether it is 0, which decides whether its term
+  exists), and with the layout and driver, which choose programs rather than enter them, at
+  "auto". Configs that differ only in those values share one compilation."""
+  placeholders = {name: float(bool(getattr(config, name))) if name.endswith("_weight") else 1.0
+                  for name in SWEEPABLE}
+  return dataclasses.replace(config, batching="auto", driver="auto", **placeholders)
+
+
 def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
   """Optimises every image of the batch in `config.batching`'s layout; `hyper` holds `[B]`
   arrays."""
-  static = dataclasses.replace(config, batching="auto", driver="auto")  # One compilation for all.
+  static = static_part(config)  # One compilation for every layout, driver and traced value.
   (w, saliency, target, probs), losses = _loop.run_images(
       _STAGE, static, classifier, (images, labels, keys, hyper), config.steps,
       batching=config.batching, driver=config.driver)

@@ -53,19 +53,23 @@ def test_report_holds_the_metrics_of_each_method():
 
 
 def test_results_do_not_depend_on_batch_size_or_slice():
+  """Every score, ROAD's noisy imputation included, of a random baseline."""
   classifier = colour_classifier()
   images, _ = colour_images(3)
-  config = evaluation.EvaluationConfig(methods=("rise",), preset="tiny", batch_size=2, curve_steps=8)
+  config = evaluation.EvaluationConfig(methods=("rise",), preset="tiny", batch_size=2, curve_steps=8,
+                                       protocols=("drop", "curves", "road"))
   whole = evaluation.evaluate(classifier, images, config, progress=False)  # Pads the last batch.
   singles = evaluation.evaluate(
       classifier, images, dataclasses.replace(config, batch_size=1), progress=False)
   tail = evaluation.evaluate(classifier, images[1:], config, first_index=1, progress=False)
   head = evaluation.evaluate(classifier, images[:1], config, progress=False)
-  for key in ("average_drop", "insertion_auc"):
-    np.testing.assert_allclose(whole["methods"]["rise"][key], singles["methods"]["rise"][key], rtol=1e-5)
-    np.testing.assert_allclose(
-        whole["methods"]["rise"][key],
-        (head["methods"]["rise"][key] + 2 * tail["methods"]["rise"][key]) / 3, rtol=1e-5)
+  keys = [key for key in whole["methods"]["rise"] if key != "seconds_per_image"]
+  assert set(keys) == {key for protocol in config.protocols for key in evaluation.PROTOCOLS[protocol]}
+  for key in keys:
+    values = [np.asarray(report["methods"]["rise"][key]) for report in (whole, singles, head, tail)]
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(values[0], (values[2] + 2 * values[3]) / 3, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
 
 
 def test_markdown_table_has_one_row_per_method():
