@@ -10,8 +10,9 @@ Layout (`Batching`): how the images of a batch share the hardware.
 - `"sequential"`: one image after another from Python, each with the one-image program
   (prepare, steps by the driver, finish). The CPU default.
 - `"map"`: one compiled program, a `lax.map` over the images whose body is one image's whole
-  compiled loop. The GPU/TPU default. Each image's convolutions stay dense (no grouped
-  convolutions, which is what per-image kernels become under `vmap`).
+  compiled loop. The GPU/TPU default of stages whose network is per image and trained whole.
+  Each image's convolutions stay dense (no grouped convolutions, which is what per-image
+  kernels become under `vmap`).
 - `"vmap"`: all images in one vmapped step: the largest dense batch for a shared classifier,
   grouped convolutions for per-image networks.
 - `"dense"`: the images in compute batches of a fixed `compute_batch` (the last one padded by
@@ -19,7 +20,8 @@ Layout (`Batching`): how the images of a batch share the hardware.
   the stacked carries (`Stage.dense_step`, by default the vmapped one-image step): a shared
   network (the classifier) sees one batch of every image's inputs, so its kernels are as large
   as the batch. Each image is prepared and finished by the one-image functions. One shape is
-  compiled whatever the number of images.
+  compiled whatever the number of images. The GPU/TPU default of the perturbation and of the
+  frozen-backbone coalitions (`run_images`'s `accelerator`); not yet measured on either.
 The one-image program of `"sequential"` and `"map"` does not depend on the batch size, so image
 i's result is the same, to float32 equality, whatever else is in its batch, the batch size and
 the device count (`tests/test_determinism.py`). `"dense"` keeps that guarantee for a fixed
@@ -55,8 +57,8 @@ _CHECK_EVERY = 10
 # reports no memory limit (XLA:CPU, whose memory is the host's).
 MAX_COMPUTE_BATCH = 64
 CPU_COMPUTE_BATCH = 4
-# Share of the device memory left free (`bytes_limit` - `bytes_in_use`) that a compute batch may
-# be estimated to take: the estimate leaves out allocator fragmentation and library workspaces.
+# Share of the device's allocator limit that a compute batch's step may be estimated to take:
+# the estimate leaves out allocator fragmentation and what else the device holds.
 _MEMORY_MARGIN = 0.8
 
 
