@@ -17,6 +17,10 @@ the same folder is refused rather than interleaved; the lock is an `flock`, whic
 operating system releases however the process ends, and the file names the holder's PID. A
 lock left by a process that has ended is taken over.
 
+Reading and decoding the next compute batch, and writing the previous one's results file, run on
+background threads while the current batch computes (`pfc_jax.prefetch`), so the device does not
+wait on the host; a results file is still complete before it counts as saved.
+
 Items that cannot be read are recorded with the reason in their results file and in
 `failures.jsonl`, and the job carries on; they are not retried on resume. The file format is
 described in `pfc_jax.io`.
@@ -43,6 +47,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -51,7 +56,7 @@ import jax
 import numpy as np
 import tqdm
 
-from pfc_jax import io, parallel
+from pfc_jax import io, parallel, prefetch
 from pfc_jax.explain import ExplainConfig
 from pfc_jax.sources import BadItemError
 
@@ -356,13 +361,20 @@ def _read_rows(source, indices: list[int]) -> tuple[list[str], np.ndarray, list[
   return ids, np.stack(images), failures
 
 
-def _explain_batch(source, indices: list[int], classifier, config: ExplainConfig, seed: int, mesh,
-                   vgg_params) -> dict[str, np.ndarray]:
-  """Explains one compute batch on every device of every process; returns its file's arrays."""
+def _read_batch(source, indices: list[int], mesh) -> tuple[list[int], tuple]:
+  """`(rows, _read_rows(rows))`: this process's rows of one compute batch (padded to a
+  multiple of the device count by repeating the last index), read."""
   global_size = parallel.padded_size(len(indices), mesh)
   padded = indices + [indices[-1]] * (global_size - len(indices))
   rows = padded[parallel.process_slice(global_size, mesh)] if jax.process_count() > 1 else padded
-  ids, images, failures = _read_rows(source, rows)
+  return rows, _read_rows(source, rows)
+
+
+def _explain_batch(indices: list[int], read: tuple[list[int], tuple], classifier,
+                   config: ExplainConfig, seed: int, mesh, vgg_params) -> dict[str, np.ndarray]:
+  """Explains one compute batch, read by `_read_batch`, on every device of every process;
+  returns its file's arrays."""
+  rows, (ids, images, failures) = read
   explanation = parallel.sharded_explain(
       classifier, images, parallel.image_keys(seed, rows), config, mesh, vgg_params)
   gathered = parallel.allgather_objects({"ids": ids, "failures": failures})
@@ -402,7 +414,7 @@ def _prepare(out_dir: Path, manifest: dict[str, Any], num_items: int,
 def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = ExplainConfig(),
             chunk_size: int | None = None, seed: int = 0, settings: dict[str, Any] | None = None,
             vgg_params: Any = None, mesh=None, progress: bool = True,
-            exit_on_signal: bool = False) -> JobSummary:
+            exit_on_signal: bool = False, timings: prefetch.Timings | None = None) -> JobSummary:
   """Explains every item of `source` into `out_dir`, resuming a previous run of the same job.
 
   Args:
@@ -422,6 +434,8 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     exit_on_signal: SIGINT and SIGTERM end the process promptly, as the module docstring
       says, instead of raising KeyboardInterrupt once the computation under way returns. Call
       from the main thread; not for interactive sessions, whose process would end.
+    timings: Accumulates where the time goes (`prefetch.Timings`): reading, computing, writing
+      and the computation's waits for the host.
 
   Returns:
     A `JobSummary`.
@@ -462,22 +476,33 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     pending, already_failed = shared["pending"], shared["failed"]
     state.done, state.failed = len(source) - len(pending), already_failed
     already_done, explained, failed = state.done, 0, 0
-    with tqdm.tqdm(total=len(pending), unit="img", disable=not (progress and writer),
-                   desc="explain") as bar:
-      for start in range(0, len(pending), chunk_size):
-        indices = pending[start:start + chunk_size]
-        arrays = _explain_batch(source, indices, classifier, config, seed, mesh, vgg_params)
-        state.wait_if_stopping()
-        with state.write_lock:
-          if writer:
-            io.write_npz(io.results_path(out_dir, indices[0], indices[-1]), **arrays)
-            if arrays["failed_ids"].size:
-              failures.update((item_id, (position, reason)) for position, item_id, reason in zip(
-                  arrays["failed_indices"].tolist(), arrays["failed_ids"].tolist(),
-                  arrays["failed_reasons"].tolist()))
-              _write_failures(out_dir, failures)
-          state.done += len(indices)
-          state.failed += arrays["failed_ids"].size
+
+    def save(indices, arrays):  # On the writing thread, one batch after another.
+      state.wait_if_stopping()
+      with state.write_lock:
+        if writer:
+          io.write_npz(io.results_path(out_dir, indices[0], indices[-1]), **arrays)
+          if arrays["failed_ids"].size:
+            failures.update((item_id, (position, reason)) for position, item_id, reason in zip(
+                arrays["failed_indices"].tolist(), arrays["failed_ids"].tolist(),
+                arrays["failed_reasons"].tolist()))
+            _write_failures(out_dir, failures)
+        state.done += len(indices)
+        state.failed += arrays["failed_ids"].size
+
+    batches = [pending[start:start + chunk_size] for start in range(0, len(pending), chunk_size)]
+    reads = prefetch.read_ahead(lambda indices: _read_batch(source, indices, mesh), batches,
+                                timings=timings)
+    with contextlib.closing(reads), prefetch.WriteBehind(timings=timings) as writes, tqdm.tqdm(
+        total=len(pending), unit="img", disable=not (progress and writer), desc="explain") as bar:
+      for indices, read in zip(batches, reads):
+        start = time.perf_counter()
+        arrays = _explain_batch(indices, read, classifier, config, seed, mesh, vgg_params)
+        if timings is not None:
+          timings.add("compute", time.perf_counter() - start)
+          timings.add("batches", 1)
+          timings.add("images", len(indices))
+        writes.submit(save, indices, arrays)
         explained += arrays["ids"].size
         failed += arrays["failed_ids"].size
         bar.update(len(indices))
