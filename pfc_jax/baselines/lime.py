@@ -143,6 +143,9 @@ def lime(classifier: Classifier, images: jax.Array, target: jax.Array, key: jax.
   coalitions under the same key. Images are explained one at a time on the host by
   `lime_image.LimeImageExplainer`; the classifier runs jitted on batches of `batch_size`.
 
+  Cost at the defaults: 20-21 s of CPU time per 224 px photo on SqueezeNet 1.1 (2 ImageNet
+  photos, a shared 2-core CPU; 33 and 48 quickshift segments); `lime_coalitions` 24-27 s.
+
   Args:
     classifier: The classifier.
     images: `[B, H, W, 3] float32` RGB in [0, 1].
