@@ -114,6 +114,10 @@ TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
     "occlusion": baselines.OcclusionConfig(patch_size=16, stride=16),
     "rise": baselines.RISEConfig(num_masks=64, chunk_size=32),
+    "xrai": baselines.XRAIConfig(steps=4, batch_size=4),
+    "lime": baselines.LIMEConfig(num_samples=32, batch_size=32),
+    "lime_coalitions": baselines.LIMEConfig(
+        num_samples=32, batch_size=32, segmentation=ExplainConfig.preset("tiny").coalitions),
 }
 
 # (report key, column title, scale, format) in table order; percentages are scaled by 100.
