@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures on one accelerator, in about 10 minutes, every figure the README's GPU table needs:
+# Measures on one accelerator, in about 10 minutes, every figure of the GPU table in docs/performance.md:
 #   1. benchmark.py: s/image by stage, TFLOP/s, MFU, compile time, peak memory, images/s, for
 #      "fast" and "paper" (paper scaled from 10 steps per stage), VGG16 and SqueezeNet 1.1
 #      (random weights), batch 1-16, layouts "map" (the accelerator default) and "vmap" (paper),
