@@ -25,6 +25,8 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Defaults as written in the source (`PerturbConfig()`), not their expanded repr.
+autodoc_preserve_defaults = True
 autodoc_default_options = {"members": True, "show-inheritance": False}
 
 myst_heading_anchors = 4
