@@ -433,19 +433,19 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
   """PFC's perturbation loss for one image (METHOD.md section 2).
 
   Terms, unweighted:
-    mask: -mean(w) (the paper's -||p||_1, as a mean).
-    confidence: "hinge": mean over samples s and classes j of
+    - mask: -mean(w) (the paper's `-||p||_1`, as a mean).
+    - confidence: "hinge": mean over samples s and classes j of
       relu(f_j(x + eps_s w) - f_t(x + eps_s w)), on logits (zero for j = t). "log_softmax":
       mean over samples of -log softmax(f(x + eps_s w))_t.
-    consistency: "published": -sum_i mean_hw |G * (sum_c w C_i)|, G the unnormalised
+    - consistency: "published": `-sum_i mean_hw |G * (sum_c w C_i)|`, G the unnormalised
       `kernel_size` Gaussian with zero padding. Because w >= 0, G >= 0 and the coalitions
       C_i partition the image, it equals -mean(G * sum_c w): it does NOT depend on the
       coalitions, and acts as a second reward on noise size. "coalition":
       sum_i mean(C_i (w - m_i)^2) with m_i = G * (w C_i) / (G * C_i + eps), the
       Gaussian-weighted mean of w inside coalition i; it penalises variation of w within a
       coalition and none across borders. "off": 0.
-    smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
-    deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
+    - smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
+    - deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
       probability when the noise falls where w is small: the deletion game of Fong and Vedaldi
       (ICCV 2017), played on the same w as the preservation game (the "dual" objective of
       Extremal Perturbations, Fong, Patrick and Vedaldi, ICCV 2019). The preservation terms
