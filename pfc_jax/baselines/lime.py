@@ -18,6 +18,7 @@ vectors, and the superpixel masking would have to be written here.
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -172,12 +173,14 @@ def lime(classifier: Classifier, images: jax.Array, target: jax.Array, key: jax.
   for image, image_labels, label, seed in zip(np.asarray(images), labels, target,
                                               _seeds(sample_keys)):
     explainer = lime_image.LimeImageExplainer(kernel_width=config.kernel_width, random_state=seed)
-    explanation = explainer.explain_instance(
-        image.astype(np.float64), lambda batch: _common.call_padded(
-            _probabilities, batch, config.batch_size, classifier),
-        labels=(int(label),), hide_color=config.hide_color, top_labels=None,
-        num_samples=config.num_samples,
-        batch_size=config.batch_size, segmentation_fn=lambda _, labels=image_labels: labels)
+    # lime draws a progress bar of its samples for every image; a batch has its own.
+    with mock.patch.object(lime_image, "tqdm", lambda iterable, **_: iterable):
+      explanation = explainer.explain_instance(
+          image.astype(np.float64), lambda batch: _common.call_padded(
+              _probabilities, batch, config.batch_size, classifier),
+          labels=(int(label),), hide_color=config.hide_color, top_labels=None,
+          num_samples=config.num_samples,
+          batch_size=config.batch_size, segmentation_fn=lambda _, labels=image_labels: labels)
     weights = np.zeros(image_labels.max() + 1, np.float32)
     for segment, weight in explanation.local_exp[int(label)]:
       weights[segment] = weight
