@@ -57,6 +57,7 @@ import numpy as np
 import tqdm
 
 from pfc_jax import io, parallel, prefetch
+from pfc_jax.classifier import check_classifier
 from pfc_jax.explain import ExplainConfig
 from pfc_jax.sources import BadItemError
 
@@ -375,6 +376,7 @@ def _explain_batch(indices: list[int], read: tuple[list[int], tuple], classifier
   """Explains one compute batch, read by `_read_batch`, on every device of every process;
   returns its file's arrays."""
   rows, (ids, images, failures) = read
+  check_classifier(classifier, images)  # Also where `sharded_explain` traces `explain`.
   explanation = parallel.sharded_explain(
       classifier, images, parallel.image_keys(seed, rows), config, mesh, vgg_params)
   gathered = parallel.allgather_objects({"ids": ids, "failures": failures})

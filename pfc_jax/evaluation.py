@@ -59,7 +59,7 @@ import tqdm
 
 from pfc_jax import baselines, io, metrics
 from pfc_jax._inputs import check_images, per_image_keys
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 
 from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain, stage_keys
 from pfc_jax.perturbation import perturb
@@ -542,11 +542,14 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     wall-clock time of the method alone (metrics excluded), compilation included.
 
   Raises:
-    ValueError: on bad inputs, or a records file or maps folder written with other settings.
+    ValueError: on bad inputs (a classifier whose `apply_fn` does not return logits `[B, C]`
+      included: `pfc_jax.classifier.check_classifier`), or a records file or maps folder
+      written with other settings.
   """
   config = EvaluationConfig() if config is None else config
   images = check_images(images)
   count = images.shape[0]
+  check_classifier(classifier, images[:config.batch_size])  # The shape of a batch.
   if masks is not None:
     masks = np.asarray(masks)
     if masks.shape != images.shape[:3] or masks.dtype != bool:

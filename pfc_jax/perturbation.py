@@ -52,7 +52,7 @@ from pfc_jax import _loop
 from pfc_jax import _precision
 from pfc_jax import regions as regions_lib
 from pfc_jax.baselines._common import min_max_normalize
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 
 Consistency = Literal["published", "coalition", "off"]
 _CONSISTENCIES = ("published", "coalition", "off")
@@ -908,9 +908,8 @@ def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
 def _check_common(classifier, images, labels, key, config):
   if not isinstance(config, PerturbConfig):
     raise ValueError(f"`config` must be a PerturbConfig, got {type(config).__name__}.")
-  if not isinstance(classifier, Classifier):
-    raise ValueError(f"`classifier` must be a pfc_jax.Classifier, got {type(classifier).__name__}.")
   images = _inputs.check_images(images)
+  check_classifier(classifier, images)
   labels = _check_labels(labels, images.shape, config.max_coalitions)
   return images, labels, _inputs.per_image_keys(key, images.shape[0])
 
@@ -936,7 +935,8 @@ def perturb(classifier: Classifier, images, labels, key,
     A `Perturbation` with w, saliency, target, probs and the per-step losses.
 
   Raises:
-    ValueError: for malformed images, labels, key or config.
+    ValueError: for malformed images, labels, key or config, or a classifier whose `apply_fn`
+      does not return logits `[B, C]` (`pfc_jax.classifier.check_classifier`).
 
   Example:
     >>> result = perturb(classifier, images, coalitions.labels, jax.random.key(0))

@@ -58,6 +58,20 @@ def test_corrupt_image_is_recorded_and_job_completes(tmp_path, capsys):
   assert "6 items, 6 done before; 0 explained now" in capsys.readouterr().out
 
 
+def test_warnings_are_lines_of_their_own_under_the_progress_bar(tmp_path, capsys):
+  _write_images(tmp_path / "in", 2)
+  cutout = np.zeros((20, 18, 4), np.uint8)
+  cutout[5:15, 5:15] = (30, 200, 30, 255)  # An opaque square on a transparent field.
+  Image.fromarray(cutout).save(tmp_path / "in" / "cutout.png")
+  args = [arg for arg in _ARGS if arg != "--no-progress"]
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                            *args]) == 0
+  lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+  assert any(line.startswith("pfc-jax batch: warning: Image '") and
+             line.endswith("cutout.png' has transparent pixels; they are composited onto white.")
+             for line in lines)
+
+
 def test_exit_code_says_whether_every_item_failed(tmp_path, capsys):
   (tmp_path / "in").mkdir()
   for name in ("a.png", "b.jpg", "c.png"):  # Three, as the chunk size: one compiled shape.

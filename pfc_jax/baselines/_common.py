@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 
 
 def target_probabilities(classifier: Classifier, images01: jax.Array, target: jax.Array) -> jax.Array:
@@ -102,47 +102,32 @@ def sum_over_chunks(chunk_fn: Callable, static: Any, count: int, *args: Any) -> 
   return total
 
 
-@functools.lru_cache(maxsize=64)
-def _num_classes(structure: Any, leaf_specs: tuple[jax.ShapeDtypeStruct, ...], height: int,
-                 width: int) -> int:
-  abstract = jax.tree.unflatten(structure, leaf_specs)
-  logits = jax.eval_shape(lambda c, x: c.logits(x), abstract,
-                          jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
-  return int(logits.shape[-1])
-
-
-def num_classes(classifier: Classifier, height: int, width: int) -> int:
-  """Number of classes C of `classifier`'s logits `[B, C]` on `height x width` images.
-
-  Found by `jax.eval_shape` of one image (no computation), cached per classifier structure,
-  parameter shapes and image size.
-  """
-  leaves, structure = jax.tree.flatten(classifier)
-  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
-  return _num_classes(structure, specs, height, width)
-
-
 def check_target(target: Any, classifier: Classifier, images: jax.Array) -> jax.Array:
-  """Validates `target` as one class index in [0, C) per image and returns it as `[B] int32`.
+  """Checks the classifier contract (`classifier.check_classifier`), then validates `target` as
+  one class index in [0, C) per image and returns it as `[B] int32`.
 
   Args:
     target: `[B]` integer class indices.
     classifier: The classifier; C is the length of its logits.
     images: `[B, H, W, 3]` images the targets belong to.
 
-  Value checks run only on concrete arrays; under `jax.jit` only shape and dtype are checked.
+  Value checks run only on concrete arrays; under `jax.jit` only shapes and dtypes are checked.
 
   Raises:
-    ValueError: if `target` is not integer, not of shape `[B]`, or outside [0, C).
+    ValueError: if the classifier breaks its contract, or `target` is not integer, not of shape
+      `[B]`, or outside [0, C).
+
+  Warns:
+    UserWarning: the classifier's outputs look like probabilities (`check_classifier`).
   """
-  batch_size, height, width = images.shape[:3]
+  count = check_classifier(classifier, images)
+  batch_size = images.shape[0]
   target = target if isinstance(target, jax.core.Tracer) else np.asarray(target)
   if target.shape != (batch_size,) or not jnp.issubdtype(target.dtype, jnp.integer):
     raise ValueError(
         f"`target` must be {batch_size} integer class indices (one per image), got shape "
         f"{tuple(target.shape)} and dtype {target.dtype}.")
   if not isinstance(target, jax.core.Tracer) and batch_size:
-    count = num_classes(classifier, height, width)
     if target.min() < 0 or target.max() >= count:
       raise ValueError(
           f"`target` must lie in the classifier's class range [0, {count}), got values in "

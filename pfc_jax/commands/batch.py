@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import tqdm
+
 from pfc_jax import batch, io, models, parallel, sources, weights
 from pfc_jax.commands._common import load_weights
 from pfc_jax.explain import PRESETS, ExplainConfig
@@ -75,9 +77,10 @@ def _fingerprint(weights_source: str | None) -> dict | str | None:
 
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
-  """Shows warnings as `pfc-jax batch: warning: ...` lines on stderr."""
+  """Shows warnings as `pfc-jax batch: warning: ...` lines on stderr, on lines of their own
+  while the progress bar is shown (`tqdm.write` clears its line and redraws it after)."""
   def show(message, category, filename, lineno, file=None, line=None):  # pylint: disable=unused-argument
-    print(f"pfc-jax batch: warning: {message}", file=sys.stderr)
+    tqdm.tqdm.write(f"pfc-jax batch: warning: {message}", file=sys.stderr)
 
   with warnings.catch_warnings():
     warnings.simplefilter("always", UserWarning)
