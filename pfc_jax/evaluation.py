@@ -108,6 +108,7 @@ TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
     "occlusion": baselines.OcclusionConfig(patch_size=16, stride=16),
     "rise": baselines.RISEConfig(num_masks=64, chunk_size=32),
+    "extremal_perturbation": baselines.ExtremalPerturbationConfig(max_iter=4),
 }
 
 # (report key, column title, scale, format) in table order; percentages are scaled by 100.

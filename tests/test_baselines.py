@@ -62,6 +62,9 @@ FAST_CONFIGS = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=16, chunk_size=8),
     "occlusion": baselines.OcclusionConfig(patch_size=4, stride=2, chunk_size=16),
     "rise": baselines.RISEConfig(num_masks=400, cells=4, chunk_size=100),
+    # Fade, not blur: blurring keeps this linear colour detector's mean redness.
+    "extremal_perturbation": baselines.ExtremalPerturbationConfig(
+        step=2, sigma=3.0, max_iter=20, perturbation="fade"),
 }
 
 
