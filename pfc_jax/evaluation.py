@@ -118,6 +118,7 @@ TINY_BASELINES = {
     "lime": baselines.LIMEConfig(num_samples=32, batch_size=32),
     "lime_coalitions": baselines.LIMEConfig(
         num_samples=32, batch_size=32, segmentation=ExplainConfig.preset("tiny").coalitions),
+    "extremal_perturbation": baselines.ExtremalPerturbationConfig(max_iter=4),
 }
 
 # (report key, column title, scale, format) in table order; percentages are scaled by 100.

@@ -71,6 +71,9 @@ FAST_CONFIGS = {
         segmentation=baselines.QuickshiftConfig(kernel_size=2, max_dist=20)),
     "lime_coalitions": baselines.LIMEConfig(num_samples=100, hide_color=0.0,
                                             segmentation=CoalitionConfig.tiny()),
+    # Fade, not blur: blurring keeps this linear colour detector's mean redness.
+    "extremal_perturbation": baselines.ExtremalPerturbationConfig(
+        step=2, sigma=3.0, max_iter=20, perturbation="fade"),
 }
 # Baselines on an optional extra's package: their tests here skip without it.
 OPTIONAL_PACKAGES = {"xrai": ("saliency.core", "xrai"), "lime": ("lime.lime_image", "lime"),

@@ -10,6 +10,7 @@ is `pfc_jax.explain`; `pfc_jax.evaluation` adds it and its ablations by name.
 them they raise ImportError naming the extra (`pip install 'pfc-jax[xrai]'`, `'pfc-jax[lime]'`).
 """
 
+from pfc_jax.baselines.extremal import ExtremalPerturbationConfig, extremal_perturbation
 from pfc_jax.baselines.gradcam import GradCAMConfig, gradcam
 from pfc_jax.baselines.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 from pfc_jax.baselines.lime import LIMEConfig, QuickshiftConfig, lime, lime_coalitions
@@ -27,6 +28,7 @@ METHODS = {
     "xrai": xrai,
     "lime": lime,
     "lime_coalitions": lime_coalitions,
+    "extremal_perturbation": extremal_perturbation,
 }
 
 __all__ = [
@@ -38,4 +40,5 @@ __all__ = [
     "RISEConfig", "rise",
     "XRAIConfig", "xrai",
     "LIMEConfig", "QuickshiftConfig", "lime", "lime_coalitions",
+    "ExtremalPerturbationConfig", "extremal_perturbation",
 ]
