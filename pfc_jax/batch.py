@@ -19,10 +19,16 @@ naming the items, rather than mixing results of the old and the new inputs; the 
 saved items are also read back from the source and compared. So is a resume by another pfc-jax
 version, whose results may differ. A folder written before identities were recorded (manifest
 format 2 and older) cannot be checked: it is resumed with a warning, and the identities of the
-inputs found then, and the version, are recorded for later runs. While a job runs it holds `job.lock` in its folder, so a second job on
-the same folder is refused rather than interleaved; the lock is an `flock`, which the
-operating system releases however the process ends, and the file names the holder's PID. A
-lock left by a process that has ended is taken over.
+inputs found then, and the version, are recorded for later runs.
+
+While a job runs it holds `job.lock` in its folder, so a second job on the same folder is
+refused rather than interleaved; the lock is an `flock`, which the operating system releases
+however the process ends, and the file names the holder's PID. A lock left by a process that
+has ended is taken over.
+
+Reading and decoding the next compute batch, and writing the previous one's results file, run on
+background threads while the current batch computes (`pfc_jax.prefetch`), so the device does not
+wait on the host; a results file is still complete before it counts as saved.
 
 Items that cannot be read are recorded with the reason in their results file and in
 `failures.jsonl`, and the job carries on; they are not retried on resume. The file format is
@@ -50,6 +56,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -59,7 +66,7 @@ import numpy as np
 import tqdm
 
 import pfc_jax
-from pfc_jax import io, parallel, sources
+from pfc_jax import io, parallel, prefetch, sources
 from pfc_jax.classifier import check_classifier
 from pfc_jax.explain import ExplainConfig
 from pfc_jax.sources import BadItemError
@@ -407,13 +414,20 @@ def _read_rows(source, indices: list[int]) -> tuple[list[str], np.ndarray, list[
   return ids, np.stack(images), failures
 
 
-def _explain_batch(source, indices: list[int], classifier, config: ExplainConfig, seed: int, mesh,
-                   vgg_params) -> dict[str, np.ndarray]:
-  """Explains one compute batch on every device of every process; returns its file's arrays."""
+def _read_batch(source, indices: list[int], mesh) -> tuple[list[int], tuple]:
+  """`(rows, _read_rows(rows))`: this process's rows of one compute batch (padded to a
+  multiple of the device count by repeating the last index), read."""
   global_size = parallel.padded_size(len(indices), mesh)
   padded = indices + [indices[-1]] * (global_size - len(indices))
   rows = padded[parallel.process_slice(global_size, mesh)] if jax.process_count() > 1 else padded
-  ids, images, failures = _read_rows(source, rows)
+  return rows, _read_rows(source, rows)
+
+
+def _explain_batch(indices: list[int], read: tuple[list[int], tuple], classifier,
+                   config: ExplainConfig, seed: int, mesh, vgg_params) -> dict[str, np.ndarray]:
+  """Explains one compute batch, read by `_read_batch`, on every device of every process;
+  returns its file's arrays."""
+  rows, (ids, images, failures) = read
   check_classifier(classifier, images)  # Also where `sharded_explain` traces `explain`.
   explanation = parallel.sharded_explain(
       classifier, images, parallel.image_keys(seed, rows), config, mesh, vgg_params)
@@ -465,7 +479,7 @@ def _prepare(out_dir: Path, manifest: dict[str, Any], source,
 def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = ExplainConfig(),
             chunk_size: int | None = None, seed: int = 0, settings: dict[str, Any] | None = None,
             vgg_params: Any = None, mesh=None, progress: bool = True,
-            exit_on_signal: bool = False) -> JobSummary:
+            exit_on_signal: bool = False, timings: prefetch.Timings | None = None) -> JobSummary:
   """Explains every item of `source` into `out_dir`, resuming a previous run of the same job.
 
   Args:
@@ -485,6 +499,8 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     exit_on_signal: SIGINT and SIGTERM end the process promptly, as the module docstring
       says, instead of raising KeyboardInterrupt once the computation under way returns. Call
       from the main thread; not for interactive sessions, whose process would end.
+    timings: Accumulates where the time goes (`prefetch.Timings`): reading, computing, writing
+      and the computation's waits for the host.
 
   Returns:
     A `JobSummary`.
@@ -527,22 +543,33 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     pending, already_failed = shared["pending"], shared["failed"]
     state.done, state.failed = len(source) - len(pending), already_failed
     already_done, explained, failed = state.done, 0, 0
-    with tqdm.tqdm(total=len(pending), unit="img", disable=not (progress and writer),
-                   desc="explain") as bar:
-      for start in range(0, len(pending), chunk_size):
-        indices = pending[start:start + chunk_size]
-        arrays = _explain_batch(source, indices, classifier, config, seed, mesh, vgg_params)
-        state.wait_if_stopping()
-        with state.write_lock:
-          if writer:
-            io.write_npz(io.results_path(out_dir, indices[0], indices[-1]), **arrays)
-            if arrays["failed_ids"].size:
-              failures.update((item_id, (position, reason)) for position, item_id, reason in zip(
-                  arrays["failed_indices"].tolist(), arrays["failed_ids"].tolist(),
-                  arrays["failed_reasons"].tolist()))
-              _write_failures(out_dir, failures)
-          state.done += len(indices)
-          state.failed += arrays["failed_ids"].size
+
+    def save(indices, arrays):  # On the writing thread, one batch after another.
+      state.wait_if_stopping()
+      with state.write_lock:
+        if writer:
+          io.write_npz(io.results_path(out_dir, indices[0], indices[-1]), **arrays)
+          if arrays["failed_ids"].size:
+            failures.update((item_id, (position, reason)) for position, item_id, reason in zip(
+                arrays["failed_indices"].tolist(), arrays["failed_ids"].tolist(),
+                arrays["failed_reasons"].tolist()))
+            _write_failures(out_dir, failures)
+        state.done += len(indices)
+        state.failed += arrays["failed_ids"].size
+
+    batches = [pending[start:start + chunk_size] for start in range(0, len(pending), chunk_size)]
+    reads = prefetch.read_ahead(lambda indices: _read_batch(source, indices, mesh), batches,
+                                timings=timings)
+    with contextlib.closing(reads), prefetch.WriteBehind(timings=timings) as writes, tqdm.tqdm(
+        total=len(pending), unit="img", disable=not (progress and writer), desc="explain") as bar:
+      for indices, read in zip(batches, reads):
+        start = time.perf_counter()
+        arrays = _explain_batch(indices, read, classifier, config, seed, mesh, vgg_params)
+        if timings is not None:
+          timings.add("compute", time.perf_counter() - start)
+          timings.add("batches", 1)
+          timings.add("images", len(indices))
+        writes.submit(save, indices, arrays)
         explained += arrays["ids"].size
         failed += arrays["failed_ids"].size
         bar.update(len(indices))

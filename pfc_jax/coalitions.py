@@ -12,11 +12,16 @@ code), relabelled to 0..num-1.
 
 Batching (`pfc_jax._loop`): `"sequential"` trains one image after another with the one-image
 step driven from Python (the CPU default); `"map"` runs one compiled program, a `lax.map` over
-the images of one image's compiled training loop (the GPU/TPU default); `"vmap"` trains all
-images in one vmapped step, where each image's own kernels become grouped convolutions (~4.5x
-slower per image on XLA:CPU; XLA:GPU's backward pass of grouped convolutions is slow too).
+the images of one image's compiled training loop (the GPU/TPU default of the full network);
+`"vmap"` trains all images in one vmapped step, where each image's own kernels become grouped
+convolutions (~4.5x slower per image on XLA:CPU; XLA:GPU's backward pass of grouped
+convolutions is slow too); `"dense"` trains compute batches of `compute_batch` images in one
+step program, each image's backbone computed by the one-image function: with a frozen backbone
+(`train_backbone=False`, the GPU/TPU default there) the heads' 1x1 convolutions are one batched
+matrix product (`coalition_net.batched_head`), with the full network the vmapped step.
 Every choice of batching and loop driver runs the same per-image step and gives the same labels
-up to float ties; under `"sequential"` and `"map"` an image's labels do not depend on its batch.
+up to float ties; under `"sequential"` and `"map"`, and `"dense"` for a given `compute_batch`,
+an image's labels do not depend on its batch.
 `precision="bfloat16"` runs the network in bfloat16 with float32 parameters, SGD state and
 loss (`pfc_jax._precision`).
 
@@ -69,8 +74,12 @@ class CoalitionConfig:
     resolution: Run the FEN with this short side (only ever downsizing, antialiased bilinear) and
       upsample the labels to the input size with nearest neighbour. None: input size. Default None.
     width: Channel multiplier of the 3x3 convolutions, `init="random"` only. 1.0.
-    batching: Image layout of `pfc_jax._loop.run_images`: `"sequential"`, `"map"`, `"vmap"` or
-      `"auto"` (sequential on CPU, map elsewhere). "auto".
+    batching: Image layout of `pfc_jax._loop.run_images`: `"sequential"`, `"map"`, `"vmap"`,
+      `"dense"` or `"auto"` (sequential on CPU; elsewhere dense with a frozen backbone, map
+      when the whole network trains). "auto".
+    compute_batch: `"dense"` only: images per compiled step; None: the largest power of two
+      up to 64 estimated to fit in 80% of the device's memory, 4 on the CPU
+      (`pfc_jax._loop.default_compute_batch`). None.
     driver: Step loop driver of `pfc_jax._loop.run_loop`: `"compiled"`, `"python"` or `"auto"`
       (python on CPU, compiled elsewhere); `"map"` is always compiled. "auto".
     precision: `"float32"`, `"bfloat16"` (the network computes in bfloat16, its parameters,
@@ -90,6 +99,7 @@ class CoalitionConfig:
   resolution: int | None = None
   width: float = 1.0
   batching: _loop.Batching = "auto"
+  compute_batch: int | None = None
   driver: _loop.Driver = "auto"
   precision: _precision.Precision = "auto"
 
@@ -111,8 +121,19 @@ class CoalitionConfig:
     if self.resolution is not None and self.resolution < _MIN_SIZE:
       raise ValueError(
           f"`resolution` must be None or at least {_MIN_SIZE}, got {self.resolution}.")
+    if self.compute_batch is not None and (
+        not isinstance(self.compute_batch, int) or isinstance(self.compute_batch, bool)
+        or self.compute_batch < 1):
+      raise ValueError(f"`compute_batch` must be None or a positive int, got "
+                       f"{self.compute_batch!r}.")
     _loop.check_batching(self.batching, self.driver)
     _precision.check_precision(self.precision)
+
+  def layout(self) -> _loop.Layout:
+    """The image layout `batching` resolves to on the default backend ("auto": "sequential"
+    on CPU; on GPU and TPU "dense" with a frozen backbone, "map" otherwise). Not yet measured
+    on an accelerator."""
+    return _loop.resolve_batching(self.batching, _accelerator_layout(self))
 
   @classmethod
   def fast(cls, **overrides) -> CoalitionConfig:
@@ -132,6 +153,12 @@ class CoalitionConfig:
   def tiny(cls, **overrides) -> CoalitionConfig:
     """A few steps of a narrow FEN, for tests and smoke runs (no meaningful coalitions)."""
     return cls(**{"num_channels": 8, "max_steps": 5, "width": 0.125, **overrides})
+
+
+def _accelerator_layout(config: CoalitionConfig) -> _loop.Layout:
+  """What batching "auto" picks on GPU and TPU: "dense" where the heads' 1x1 convolutions make
+  one batched matrix product, "map" (dense per-image convolutions) when the backbone trains."""
+  return "map" if config.train_backbone else "dense"
 
 
 class Coalitions(NamedTuple):
@@ -232,7 +259,11 @@ def _prepare(config: CoalitionConfig, image: jax.Array, key: jax.Array,
 
 def _loss(config: CoalitionConfig, params: Any, inputs: jax.Array):
   """Similarity + continuity loss of one image, and the one-hot argmax labels `[h, w, l]`."""
-  scores = _scores(config, params, inputs)
+  return _loss_of_scores(config, _scores(config, params, inputs))
+
+
+def _loss_of_scores(config: CoalitionConfig, scores: jax.Array):
+  """`_loss` from the FEN scores `[h, w, l]`."""
   one_hot = jax.nn.one_hot(jnp.argmax(scores, axis=-1), config.num_channels)
   similarity = optax.softmax_cross_entropy(scores, one_hot).mean()
   continuity = (jnp.abs(scores[1:] - scores[:-1]).mean()
@@ -244,6 +275,13 @@ def _loss(config: CoalitionConfig, params: Any, inputs: jax.Array):
 def _image_step(config: CoalitionConfig, state: _ImageState) -> tuple[_ImageState, tuple]:
   """One SGD step of one image; a no-op once the image is done."""
   grads, one_hot = jax.grad(_loss, argnums=1, has_aux=True)(config, state.params, state.inputs)
+  return _apply_grads(config, state, grads, one_hot), ()
+
+
+def _apply_grads(config: CoalitionConfig, state: _ImageState, grads: Any,
+                 one_hot: jax.Array) -> _ImageState:
+  """One image's SGD update and stopping test from its gradients and one-hot labels; a no-op
+  once the image is done."""
   updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
   num_labels = one_hot.max(axis=(0, 1)).sum()
   stepped = _ImageState(
@@ -252,7 +290,24 @@ def _image_step(config: CoalitionConfig, state: _ImageState) -> tuple[_ImageStat
       steps=state.steps + 1, done=num_labels <= config.min_coalitions)
   kept = jax.tree.map(lambda old, new: jnp.where(state.done, old, new),
                       state._replace(inputs=None), stepped)
-  return kept._replace(inputs=state.inputs), ()  # The constant inputs pass through uncopied.
+  return kept._replace(inputs=state.inputs)  # The constant inputs pass through uncopied.
+
+
+def _dense_step(config: CoalitionConfig, states: _ImageState) -> tuple[_ImageState, tuple]:
+  """`_image_step` of a compute batch (states `[B, ...]`): with a frozen backbone the heads of
+  all images as one batched matrix product (`coalition_net.batched_head`), the loss the sum of
+  the per-image losses (so each image's gradient is its own); else the vmapped step."""
+  if config.train_backbone:
+    return jax.vmap(lambda state: _image_step(config, state))(states)
+
+  def loss(params):
+    scores = _precision.computed_in(coalition_net.batched_head, config.precision)(
+        params, states.inputs)[:, 0]
+    losses, one_hot = jax.vmap(lambda s: _loss_of_scores(config, s))(scores)
+    return losses.sum(), one_hot
+
+  grads, one_hot = jax.grad(loss, has_aux=True)(states.params)
+  return jax.vmap(lambda *a: _apply_grads(config, *a))(states, grads, one_hot), ()
 
 
 def _finish(config: CoalitionConfig, labels: jax.Array, size: tuple[int, int]):
@@ -283,6 +338,11 @@ def _stage_step(config, vgg_convs, state):
   return _image_step(config, state)
 
 
+def _stage_dense_step(config, vgg_convs, states):
+  del vgg_convs  # Used by `_prepare` only.
+  return _dense_step(config, states)
+
+
 def _stage_finish(config, vgg_convs, state):
   del config, vgg_convs
   return state.labels, state.steps
@@ -295,7 +355,8 @@ def _stage_stop(config, state):
 
 # One image's training for `pfc_jax._loop.run_images`: inputs `(image, key)`, shared the VGG16
 # convolutions (or None), outputs the FEN-resolution labels and the steps taken.
-_STAGE = _loop.Stage(_stage_prepare, _stage_step, _stage_finish, _stage_stop)
+_STAGE = _loop.Stage(_stage_prepare, _stage_step, _stage_finish, _stage_stop,
+                     _stage_dense_step)
 
 
 def _vgg_convs(vgg_params: Any) -> dict:
@@ -361,9 +422,9 @@ def image_training(config: CoalitionConfig = CoalitionConfig(),
 
 
 def _static_config(config: CoalitionConfig) -> CoalitionConfig:
-  """`config` with batching and driver neutralised: they do not change the step, so one
-  compilation serves every choice of them."""
-  return dataclasses.replace(config, batching="auto", driver="auto")
+  """`config` with batching, driver and compute batch neutralised: they do not change the
+  step, so one compilation serves every choice of them."""
+  return dataclasses.replace(config, batching="auto", driver="auto", compute_batch=None)
 
 
 def _checked_vgg_convs(config: CoalitionConfig, vgg_params: Any) -> dict | None:
@@ -379,8 +440,8 @@ def extract_coalitions(images, key, config: CoalitionConfig = CoalitionConfig(),
   """Feature coalitions of each image (METHOD.md section 1).
 
   Image i's result depends only on image i, its key and `config`: not on the rest of the batch
-  (to float32 equality with batching "sequential" and "map", the defaults; up to float ties
-  with "vmap").
+  (to float32 equality with batching "sequential" and "map", and "dense" for a given
+  `compute_batch`; up to float ties with "vmap").
 
   Args:
     images: `[B, H, W, 3]` float RGB in [0, 1], H and W at least 8.
@@ -400,8 +461,9 @@ def extract_coalitions(images, key, config: CoalitionConfig = CoalitionConfig(),
   keys = _inputs.per_image_keys(key, images.shape[0])
   vgg_convs = _checked_vgg_convs(config, vgg_params)
   static = _static_config(config)
-  (labels, steps), _ = _loop.run_images(_STAGE, static, vgg_convs, (images, keys),
-                                        config.max_steps, batching=config.batching,
-                                        driver=config.driver)
+  (labels, steps), _ = _loop.run_images(
+      _STAGE, static, vgg_convs, (images, keys), config.max_steps, batching=config.batching,
+      driver=config.driver, accelerator=_accelerator_layout(config),
+      compute_batch=config.compute_batch, compute_batch_option="CoalitionConfig.compute_batch")
   labels, num = _finish_batch(static, labels, images.shape[1:3])
   return Coalitions(labels, num, steps)

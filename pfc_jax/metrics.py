@@ -623,7 +623,7 @@ def layer_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
 
   Args:
     apply_fn: `apply_fn(params, x) -> logits`, e.g. `Classifier.apply_fn`.
-    params: Its parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
+    params: Its parameter pytree (arrays or `jax.ShapeDtypeStruct` values).
     example: An input of the right shape (array or `jax.ShapeDtypeStruct`), e.g. normalised
       images `[1, H, W, 3]`.
 

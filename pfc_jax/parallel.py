@@ -6,9 +6,10 @@ their PRNG keys) is split over a 1-D mesh axis `"data"`; the classifier's parame
 VGG16 parameters of the coalition network) are replicated on every device.
 
 Each image is explained by the same one-image program whatever the device count (the image
-layouts "sequential" and "map" of `pfc_jax._loop`), so a sharded run gives the same result, to
-float32 equality, as a single-device one. With "map" (the GPU/TPU default) each device runs a
-`lax.map` over its images inside `shard_map`. With "sequential" (the CPU default: host-driven
+layouts "sequential" and "map" of `pfc_jax._loop`, and "dense" with its fixed compute batch), so
+a sharded run gives the same result, to float32 equality, as a single-device one. With "map"
+and "dense" (the GPU/TPU defaults) each device runs a `lax.map` over its images (or compute
+batches) inside `shard_map`. With "sequential" (the CPU default: host-driven
 per-image loops, which cannot be traced into `shard_map`) each process explains its own rows on
 its default device: XLA:CPU's devices share the host's cores, so several of them on one host
 add no speed.
@@ -191,8 +192,8 @@ def run_sharded(fn: Callable, mesh: Mesh, static: Hashable, replicated: Any, *ba
 
 
 def _traceable(stage_config) -> bool:
-  """Whether a stage runs as one traceable program (layout "map" or "vmap")."""
-  return _loop.resolve_batching(stage_config.batching) != "sequential"
+  """Whether a stage runs as one traceable program (layout "map", "vmap" or "dense")."""
+  return stage_config.layout() != "sequential"
 
 
 def traceable_config(config):
@@ -203,7 +204,7 @@ def traceable_config(config):
   """
   if not all(_traceable(stage) for stage in (config.coalitions, config.perturb)):
     raise ValueError("A stage with batching 'sequential' cannot run inside `shard_map`; use "
-                     "batching 'map' or 'vmap'.")
+                     "batching 'map', 'vmap' or 'dense'.")
   coalitions = dataclasses.replace(config.coalitions, driver="compiled")
   perturb = dataclasses.replace(config.perturb, driver="compiled")
   return dataclasses.replace(config, coalitions=coalitions, perturb=perturb)
@@ -218,8 +219,8 @@ def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = N
   """`explain` data-parallel over every device of `mesh`, same results as on one device.
 
   With one device this is `explain` itself. With several and both stages in a traceable layout
-  ("map", the GPU/TPU default, or "vmap"), `shard_map` of the compiled pipeline with the
-  parameters replicated. With a "sequential" stage (the CPU default), each process runs
+  ("map" or "dense", the GPU/TPU defaults, or "vmap"), `shard_map` of the compiled pipeline
+  with the parameters replicated. With a "sequential" stage (the CPU default), each process runs
   `explain` on its own rows and the results are gathered.
 
   Args:

@@ -65,6 +65,9 @@ _SCHEDULES = ("constant", "cosine")
 # Keeps the Gaussian-weighted coalition mean finite far from a coalition, where the
 # weighted mask is zero; inside a coalition the weight is at least G's centre (0.159 for sigma 1).
 _COALITION_EPS = 1e-6
+# What batching "auto" picks on GPU and TPU: every step's noisy images, of every image and both
+# games, in one classifier batch. Not yet measured against "map" on an accelerator.
+_ACCELERATOR_LAYOUT = "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +171,19 @@ class PerturbConfig:
       game of Fong and Vedaldi, ICCV 2017). Default "hinge".
     batching: Image layout, see `pfc_jax._loop`: "sequential" (one image after another, each
       with the one-image step), "map" (one compiled `lax.map` over the images of one image's
-      compiled loop), "vmap" (the noise samples of all images in one dense batch per step) or
-      "auto" (sequential on CPU, map elsewhere). Under "sequential" and "map" an image's result
-      does not depend on its batch, to float32 equality; under "vmap" up to float rounding.
-      Default "auto".
+      compiled loop), "vmap" (the noise samples of all images in one dense batch per step),
+      "dense" (the images in compute batches of `compute_batch`, each step ONE classifier call
+      on every image's noisy images, of both games with `with_preservation_game`) or "auto"
+      (sequential on CPU, dense elsewhere). Under "sequential" and "map", and under "dense" for
+      a given `compute_batch`, an image's result does not depend on its batch, to float32
+      equality; under "vmap" up to float rounding. Default "auto".
+    compute_batch: "dense" only: images per compiled step, so each step classifies
+      `compute_batch x noise_samples x (1 + with deletion term + with_preservation_game)`
+      noisy images; a short last batch is padded (repeating its last image) and the padding
+      dropped. None picks the largest power of two up to 64 whose step XLA estimates to fit in
+      80% of the device's memory, and 4 where the backend reports no memory limit (CPU)
+      (`pfc_jax._loop.default_compute_batch`). A value estimated not to fit raises a
+      ValueError before running. Default None.
     precision: "float32", "bfloat16" (the classifier under the noise computes in bfloat16
       while w, the Adam state, the objective and its gradient stay float32) or "auto"
       (bfloat16 on GPU/TPU, float32 on CPU). The clean prediction (target, probs) is always
@@ -205,6 +217,7 @@ class PerturbConfig:
   lowres_stride: int = 8
   confidence: Confidence = "hinge"
   batching: _loop.Batching = "auto"
+  compute_batch: int | None = None
   precision: _precision.Precision = "auto"
 
   def __post_init__(self):
@@ -251,8 +264,18 @@ class PerturbConfig:
       raise ValueError(
           f"`noise_chunk` must be None or a positive divisor of noise_samples="
           f"{self.noise_samples}, got {self.noise_chunk!r}.")
+    if self.compute_batch is not None and (
+        not isinstance(self.compute_batch, int) or isinstance(self.compute_batch, bool)
+        or self.compute_batch < 1):
+      raise ValueError(f"`compute_batch` must be None or a positive int, got "
+                       f"{self.compute_batch!r}.")
     _loop.check_batching(self.batching, self.driver)
     _precision.check_precision(self.precision)
+
+  def layout(self) -> _loop.Layout:
+    """The image layout `batching` resolves to on the default backend ("auto": "sequential"
+    on CPU, "dense" on GPU and TPU)."""
+    return _loop.resolve_batching(self.batching, accelerator=_ACCELERATOR_LAYOUT)
 
   def blur_pixels(self, height: int, width: int) -> float:
     """The blur's standard deviation in pixels for an image of `height x width` pixels (0: no
@@ -410,19 +433,19 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
   """PFC's perturbation loss for one image (METHOD.md section 2).
 
   Terms, unweighted:
-    mask: -mean(w) (the paper's -||p||_1, as a mean).
-    confidence: "hinge": mean over samples s and classes j of
+    - mask: -mean(w) (the paper's `-||p||_1`, as a mean).
+    - confidence: "hinge": mean over samples s and classes j of
       relu(f_j(x + eps_s w) - f_t(x + eps_s w)), on logits (zero for j = t). "log_softmax":
       mean over samples of -log softmax(f(x + eps_s w))_t.
-    consistency: "published": -sum_i mean_hw |G * (sum_c w C_i)|, G the unnormalised
+    - consistency: "published": `-sum_i mean_hw |G * (sum_c w C_i)|`, G the unnormalised
       `kernel_size` Gaussian with zero padding. Because w >= 0, G >= 0 and the coalitions
       C_i partition the image, it equals -mean(G * sum_c w): it does NOT depend on the
       coalitions, and acts as a second reward on noise size. "coalition":
       sum_i mean(C_i (w - m_i)^2) with m_i = G * (w C_i) / (G * C_i + eps), the
       Gaussian-weighted mean of w inside coalition i; it penalises variation of w within a
       coalition and none across borders. "off": 0.
-    smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
-    deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
+    - smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
+    - deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
       probability when the noise falls where w is small: the deletion game of Fong and Vedaldi
       (ICCV 2017), played on the same w as the preservation game (the "dual" objective of
       Extremal Perturbations, Fong, Patrick and Vedaldi, ICCV 2019). The preservation terms
@@ -452,16 +475,27 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
     unweighted values.
   """
   hyper = Hyperparameters.from_config(config) if hyperparameters is None else hyperparameters
+  logits = classifier(_classifier_inputs(w, x, noise, config, hyper))
+  return _objective_terms(w, logits, labels, target, config, hyper)
+
+
+def _classifier_inputs(w, x, noise, config: PerturbConfig, hyper: Hyperparameters) -> jax.Array:
+  """The noisy images `objective` classifies for one image: `[S, H, W, 3]` under w, then
+  (with the deletion term) `[S, H, W, 3]` under `max_w - w`."""
   perturbed = functools.partial(_perturbed, x, noise, hyper.max_w,
                                 config.blur_pixels(*x.shape[:2]))
   preserved = perturbed(w)  # [S, H, W, 3]
+  if config.deletion_weight:
+    return jnp.concatenate([preserved, perturbed(hyper.max_w - w)])
+  return preserved
+
+
+def _objective_terms(w, logits, labels, target, config: PerturbConfig, hyper: Hyperparameters):
+  """`objective`'s `(total, terms)` from the logits of `_classifier_inputs`."""
   deletion = jnp.zeros((), w.dtype)
   if config.deletion_weight:
-    deleted = perturbed(hyper.max_w - w)
-    logits, deleted_logits = jnp.split(classifier(jnp.concatenate([preserved, deleted])), 2)
+    logits, deleted_logits = jnp.split(logits, 2)
     deletion = jnp.take(jax.nn.softmax(deleted_logits, axis=-1), target, axis=-1).mean()
-  else:
-    logits = classifier(preserved)  # [S, C]
   if config.confidence == "hinge":
     confidence = jax.nn.relu(logits - jnp.take(logits, target, axis=-1)[:, None]).mean()
   else:
@@ -578,19 +612,27 @@ def _loss_and_grad(theta, regions, x, noise, labels, target, classifier, config,
     w = noise_scale(config, theta, x.shape[:2], regions, labels)
     return objective(w, x, noise, labels, target, classifier, config, hyper)[0]
 
-  value_and_grad = jax.value_and_grad(loss)
+  return _in_noise_chunks(jax.value_and_grad(loss), theta, noise, config)
+
+
+def _in_noise_chunks(value_and_grad, params, noise, config: PerturbConfig, axis: int = 0):
+  """`value_and_grad(params, noise)`, or with `config.noise_chunk` the mean over chunks of that
+  many samples (the sample axis `axis` of every noise array split) of its values and gradients,
+  accumulated in a `lax.scan`."""
   chunk = config.noise_chunk or config.noise_samples
   if chunk == config.noise_samples:
-    return value_and_grad(theta, noise)
-  chunks = noise.reshape(config.noise_samples // chunk, chunk, *noise.shape[1:])
+    return value_and_grad(params, noise)
+  num_chunks = config.noise_samples // chunk
+  chunks = jax.tree.map(lambda n: jnp.moveaxis(n.reshape(
+      *n.shape[:axis], num_chunks, chunk, *n.shape[axis + 1:]), axis, 0), noise)
 
   def accumulate(sums, noise_chunk):
-    total, grad = value_and_grad(theta, noise_chunk)
-    return (sums[0] + total, sums[1] + grad), None
+    return jax.tree.map(jnp.add, sums, value_and_grad(params, noise_chunk)), None
 
-  (total, grad), _ = lax.scan(
-      accumulate, (jnp.zeros((), theta.dtype), jnp.zeros_like(theta)), chunks)
-  return total / chunks.shape[0], grad / chunks.shape[0]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      value_and_grad, params, jax.tree.map(lambda c: c[0], chunks)))
+  sums, _ = lax.scan(accumulate, zeros, chunks)
+  return jax.tree.map(lambda x: x / num_chunks, sums)
 
 
 class _State(NamedTuple):
@@ -653,15 +695,24 @@ def _unit_noise(config: PerturbConfig, key: jax.Array, shape: tuple[int, int, in
   return jnp.moveaxis(blurred.reshape(height, width, config.noise_samples, channels), 2, 0)
 
 
-def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:
-  """One Adam step of one image; returns the new state and the objective `[]`."""
-  noise = sample_noise(config, jax.random.fold_in(state.key, state.step), state.x.shape)
-  total, grad = _loss_and_grad(state.theta, state.regions, state.x, noise, state.labels,
-                               state.target, classifier, config, state.hyper)
+def _step_noise(config: PerturbConfig, state: _State) -> jax.Array:
+  """The noise samples `[S, H, W, 3]` of one image's next step: its key folded with the step."""
+  return sample_noise(config, jax.random.fold_in(state.key, state.step), state.x.shape)
+
+
+def _apply_gradient(config: PerturbConfig, state: _State, grad: jax.Array) -> _State:
+  """One image's Adam update with gradient `grad`, theta then clipped to [0, max_w]."""
   updates, opt_state = _optimizer(config, state.hyper.learning_rate).update(
       grad, state.opt_state, state.theta)
   theta = jnp.clip(optax.apply_updates(state.theta, updates), 0.0, state.hyper.max_w)
-  return state._replace(theta=theta, opt_state=opt_state, step=state.step + 1), total
+  return state._replace(theta=theta, opt_state=opt_state, step=state.step + 1)
+
+
+def _step(config: PerturbConfig, classifier: Classifier, state: _State) -> tuple[_State, jax.Array]:
+  """One Adam step of one image; returns the new state and the objective `[]`."""
+  total, grad = _loss_and_grad(state.theta, state.regions, state.x, _step_noise(config, state),
+                               state.labels, state.target, classifier, config, state.hyper)
+  return _apply_gradient(config, state, grad), total
 
 
 def smooth_saliency(saliency: jax.Array, sigma: float) -> jax.Array:
@@ -727,10 +778,105 @@ def static_part(config: PerturbConfig) -> PerturbConfig:
   `SWEEPABLE` value replaced by a placeholder, since those reach the programs as traced
   `Hyperparameters` (a loss weight keeps only whether it is 0, which decides whether its term
   exists), and with the layout and driver, which choose programs rather than enter them, at
-  "auto". Configs that differ only in those values share one compilation."""
+  "auto" (and no `compute_batch`). Configs that differ only in those values share one
+  compilation."""
   placeholders = {name: float(bool(getattr(config, name))) if name.endswith("_weight") else 1.0
                   for name in SWEEPABLE}
-  return dataclasses.replace(config, batching="auto", driver="auto", **placeholders)
+  return dataclasses.replace(config, batching="auto", driver="auto", compute_batch=None,
+                             **placeholders)
+
+
+def _games(config: PerturbConfig) -> tuple[PerturbConfig, ...]:
+  """The games `config` plays, as static settings (`static_part`): its own objective, then with
+  `with_preservation_game` the preservation game (no deletion term)."""
+  config = static_part(config)
+  if not config.with_preservation_game:
+    return (config,)
+  return config, dataclasses.replace(config, deletion_weight=0.0, with_preservation_game=False)
+
+
+def _games_prepare(games, classifier, inputs) -> tuple[_State, ...]:
+  """One image's state in every game: the same start, the deletion weight zero after the
+  first game, as `_run` gives the preservation game."""
+  state = _initial_state(games[0], classifier, inputs)
+  preservation = state._replace(hyper=state.hyper._replace(
+      deletion_weight=jnp.zeros_like(state.hyper.deletion_weight)))
+  return (state,) + (preservation,) * (len(games) - 1)
+
+
+def _games_step(games, classifier, states):
+  """One Adam step of one image in every game, one game after another."""
+  stepped = [_step(game, classifier, state) for game, state in zip(games, states)]
+  return tuple(state for state, _ in stepped), tuple(total for _, total in stepped)
+
+
+def _games_finish(games, classifier, states):
+  return tuple(_final_noise_scale(game, classifier, state) for game, state in zip(games, states))
+
+
+def _game_inputs(config: PerturbConfig, states: _State, theta, noise):
+  """`(w [B, H, W, 3], noisy images [B, N, H, W, 3])` of a compute batch in one game."""
+  size = states.x.shape[1:3]
+  w = jax.vmap(lambda t, r, l: noise_scale(config, t, size, r, l))(
+      theta, states.regions, states.labels)
+  images = jax.vmap(lambda *a: _classifier_inputs(*a[:3], config, a[3]))(
+      w, states.x, noise, states.hyper)
+  return w, images
+
+
+def _games_dense_step(games, classifier, states):
+  """One Adam step of every image of a compute batch in every game (states `[B, ...]`), the
+  noisy images of all of them (`B x S x (1 + deletion term)` per game) in ONE classifier
+  batch. The loss is the sum of the per-image objectives, so each image's gradient is its own
+  objective's; Adam is elementwise. Same arithmetic per image as `_games_step` up to float
+  rounding. Returns the new states and each game's objectives `[B]`."""
+  classifier = _precision.classifier_in(classifier, games[0].precision)
+  noises = tuple(jax.vmap(functools.partial(_step_noise, game))(state)
+                 for game, state in zip(games, states))
+
+  def loss(thetas, noises):
+    played = [_game_inputs(*args) for args in zip(games, states, thetas, noises)]
+    logits = classifier(jnp.concatenate(
+        [images.reshape(-1, *images.shape[2:]) for _, images in played]))
+    totals, start = [], 0
+    for game, state, (w, images) in zip(games, states, played):
+      count = images.shape[0] * images.shape[1]
+      game_logits = logits[start:start + count].reshape(*images.shape[:2], -1)
+      start += count
+      totals.append(jax.vmap(lambda *a, game=game: _objective_terms(*a[:4], game, a[4])[0])(
+          w, game_logits, state.labels, state.target, state.hyper))
+    return sum(total.sum() for total in totals), tuple(totals)
+
+  thetas = tuple(state.theta for state in states)
+  (_, totals), grads = _in_noise_chunks(
+      jax.value_and_grad(loss, has_aux=True), thetas, noises, games[0], axis=1)
+  states = tuple(jax.vmap(functools.partial(_apply_gradient, game))(state, grad)
+                 for game, state, grad in zip(games, states, grads))
+  return states, totals
+
+
+# Every game of one image (`_games`) for the "dense" layout: inputs as `_STAGE`'s; the carry,
+# the per-step objectives and the outputs are tuples over the games.
+_GAMES_STAGE = _loop.Stage(_games_prepare, _games_step, _games_finish,
+                           dense_step=_games_dense_step)
+
+
+def _two_games(dual: Perturbation, preservation: Perturbation) -> Perturbation:
+  """The mean of the dual and the preservation game (`PerturbConfig.with_preservation_game`)."""
+  return dual._replace(
+      w=(dual.w + preservation.w) / 2,
+      saliency=(min_max_normalize(dual.saliency) + min_max_normalize(preservation.saliency)) / 2,
+      losses=(dual.losses + preservation.losses) / 2)
+
+
+def _run_dense(classifier, images, labels, keys, config, hyper) -> Perturbation:
+  """Every game of every image in the "dense" layout; `hyper` holds `[B]` arrays."""
+  outputs, losses = _loop.run_images(
+      _GAMES_STAGE, _games(config), classifier, (images, labels, keys, hyper), config.steps,
+      batching="dense", driver=config.driver, compute_batch=config.compute_batch,
+      compute_batch_option="PerturbConfig.compute_batch")
+  games = [Perturbation(*output, losses=loss) for output, loss in zip(outputs, losses)]
+  return games[0] if len(games) == 1 else _two_games(*games)
 
 
 def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
@@ -739,13 +885,16 @@ def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
   static = static_part(config)  # One compilation for every layout, driver and traced value.
   (w, saliency, target, probs), losses = _loop.run_images(
       _STAGE, static, classifier, (images, labels, keys, hyper), config.steps,
-      batching=config.batching, driver=config.driver)
+      batching=config.batching, driver=config.driver, accelerator=_ACCELERATOR_LAYOUT)
   return Perturbation(w=w, saliency=saliency, target=target, probs=probs, losses=losses)
 
 
 def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
   """`_run_game`, and with `config.with_preservation_game` the mean of the dual and the
-  preservation game (`PerturbConfig.with_preservation_game`)."""
+  preservation game (`PerturbConfig.with_preservation_game`); under "dense" both games in one
+  program (`_run_dense`)."""
+  if config.layout() == "dense":
+    return _run_dense(classifier, images, labels, keys, config, hyper)
   dual = _run_game(classifier, images, labels, keys, config, hyper)
   if not config.with_preservation_game:
     return dual
@@ -753,10 +902,7 @@ def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
       classifier, images, labels, keys,
       dataclasses.replace(config, deletion_weight=0.0, with_preservation_game=False),
       hyper._replace(deletion_weight=jnp.zeros_like(hyper.deletion_weight)))
-  return dual._replace(
-      w=(dual.w + preservation.w) / 2,
-      saliency=(min_max_normalize(dual.saliency) + min_max_normalize(preservation.saliency)) / 2,
-      losses=(dual.losses + preservation.losses) / 2)
+  return _two_games(dual, preservation)
 
 
 def _check_common(classifier, images, labels, key, config):

@@ -17,7 +17,10 @@ Each row reports:
 - peak device memory, `memory_stats()["peak_bytes_in_use"]` where the backend reports it (GPU,
   TPU): the process's peak so far; rows run in increasing batch size;
 - images per second of a whole-shard job at that batch size, compilation amortised:
-  batch / (coalition + perturbation seconds).
+  batch / (coalition + perturbation seconds);
+- in the JSON only, `cpu_s_per_image`: the process's CPU seconds (every thread) per image, as
+  the seconds are scaled; on a CPU shared with other work it compares layouts where the wall
+  time cannot.
 Weights are random (speed does not depend on their values) unless `--weights` names a file.
 """
 
@@ -62,15 +65,17 @@ def peak_tflops(device_kind: str, precision: str) -> tuple[str, float] | tuple[N
   return None, None
 
 
-def _timed(fn, repeats: int) -> tuple[object, float, float]:
-  """`(result, first call's seconds, mean seconds of `repeats` further calls)`."""
+def _timed(fn, repeats: int) -> tuple[object, float, float, float]:
+  """`(result, first call's seconds, mean seconds of `repeats` further calls, and their mean
+  process CPU seconds)`."""
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(repeats):
     result = jax.block_until_ready(fn())
-  return result, first, (time.perf_counter() - start) / repeats
+  return (result, first, (time.perf_counter() - start) / repeats,
+          (time.process_time() - cpu_start) / repeats)
 
 
 def _peak_memory_gb() -> float | None:
@@ -80,12 +85,14 @@ def _peak_memory_gb() -> float | None:
   return stats["peak_bytes_in_use"] / 1e9
 
 
-def _config(preset: str, max_steps: int | None, precision: str, batching: str):
-  """`(config run, config of the preset)` with precision and batching set in both stages."""
+def _config(preset: str, max_steps: int | None, precision: str, batching: str,
+            compute_batch: int | None = None):
+  """`(config run, config of the preset)` with precision, batching and compute batch set in
+  both stages."""
   base = ExplainConfig.preset(preset)
-  base = ExplainConfig(
-      dataclasses.replace(base.coalitions, precision=precision, batching=batching),
-      dataclasses.replace(base.perturb, precision=precision, batching=batching))
+  layout = dict(precision=precision, batching=batching, compute_batch=compute_batch)
+  base = ExplainConfig(dataclasses.replace(base.coalitions, **layout),
+                       dataclasses.replace(base.perturb, **layout))
   if not max_steps:
     return base, base
   return ExplainConfig(
@@ -113,9 +120,9 @@ def benchmark(classifier, images, config: ExplainConfig, preset: ExplainConfig, 
   """One row: both stages on `images [B, H, W, 3]`, timed and costed (see the module doc)."""
   batch = images.shape[0]
   keys = jax.random.split(jax.random.key(0), batch)
-  found, coalition_first, coalition_s = _timed(
+  found, coalition_first, coalition_s, coalition_cpu = _timed(
       lambda: coalitions.extract_coalitions(images, keys, config.coalitions), repeats)
-  _, perturb_first, perturb_s = _timed(
+  _, perturb_first, perturb_s, perturb_cpu = _timed(
       lambda: perturbation.perturb(classifier, images, found.labels, keys, config.perturb),
       repeats)
   steps_run = float(np.mean(found.steps))
@@ -123,12 +130,16 @@ def benchmark(classifier, images, config: ExplainConfig, preset: ExplainConfig, 
   seconds = {"coalitions": scales["coalitions"] * coalition_s / batch,
              "perturbation": scales["perturbation"] * perturb_s / batch}
   seconds["total"] = seconds["coalitions"] + seconds["perturbation"]
+  cpu_seconds = {"coalitions": scales["coalitions"] * coalition_cpu / batch,
+                 "perturbation": scales["perturbation"] * perturb_cpu / batch}
+  cpu_seconds["total"] = cpu_seconds["coalitions"] + cpu_seconds["perturbation"]
   cost = _cost(preset, classifier, images[0], found.labels[0], keys[0],
                scales["coalitions"] * steps_run, seconds, config.perturb.precision,
                jax.devices()[0].device_kind)
   return {
       "batch": batch,
       "s_per_image": seconds,
+      "cpu_s_per_image": cpu_seconds,
       "images_per_s": 1.0 / seconds["total"],
       "compile_s": {"coalitions": max(0.0, coalition_first - coalition_s),
                     "perturbation": max(0.0, perturb_first - perturb_s)},
@@ -172,7 +183,8 @@ def recount(path: str) -> list[dict]:
   max_steps = _parser().parse_args(record["argv"]).max_steps
   with jax.default_device(jax.devices("cpu")[0]):
     for row in record["rows"]:
-      config, preset = _config(row["preset"], max_steps, row["precision"], row["batching"])
+      config, preset = _config(row["preset"], max_steps, row["precision"],
+                               row["batching"].split("+")[-1])
       steps_run = row["steps_run"]["coalitions"]
       image = np.zeros((row["size"], row["size"], 3), np.float32)
       row.update(_cost(preset, _random_classifier(row["model"], row["size"]), image,
@@ -189,6 +201,12 @@ def _random_classifier(name: str, size: int):
   module = models.module(name)
   variables = jax.jit(module.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
   return models.classifier(name, variables)
+
+
+def _layouts(config: ExplainConfig) -> str:
+  """The stages' resolved layouts: one name, or `coalitions+perturbation` where they differ."""
+  layouts = (config.coalitions.layout(), config.perturb.layout())
+  return layouts[0] if layouts[0] == layouts[1] else "+".join(layouts)
 
 
 def _table(rows: list[dict]) -> str:
@@ -217,7 +235,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch", nargs="+", type=int, default=[1], help="Images per call.")
   parser.add_argument("--precision", nargs="+", default=["auto"], choices=_precision.PRECISIONS,
                       help="'auto': bfloat16 on GPU/TPU, float32 on CPU (the library's default).")
-  parser.add_argument("--batching", nargs="+", default=["auto"], choices=_loop.BATCHINGS)
+  parser.add_argument("--batching", nargs="+", default=["auto"], choices=_loop.BATCHINGS,
+                      help="Both stages' layout; a row names the layouts it resolved to, "
+                           "coalitions+perturbation where they differ.")
+  parser.add_argument("--compute-batch", type=int,
+                      help="Images per compiled step of the 'dense' layout; default: the "
+                           "library's choice (from the device's memory).")
   parser.add_argument("--repeats", type=int, default=1, help="Timed runs per stage.")
   parser.add_argument("--images", help="Folder or glob of photos (default: random images).")
   parser.add_argument("--max-steps", type=int,
@@ -271,7 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in args.preset:
       for precision in map(_precision.resolve_precision, args.precision):
         for batching in args.batching:
-          config, preset_config = _config(preset, args.max_steps, precision, batching)
+          config, preset_config = _config(preset, args.max_steps, precision, batching,
+                                          args.compute_batch)
           for batch in sorted(args.batch):
             if source:
               images = np.stack([source.read(i % len(source))[1] for i in range(batch)])
@@ -280,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   (batch, args.size, args.size, 3), np.float32)
             row = benchmark(classifier, images, config, preset_config, args.repeats)
             rows.append({"model": model, "preset": preset, "precision": precision,
-                         "batching": _loop.resolve_batching(batching), "size": args.size,
+                         "batching": _layouts(config), "size": args.size,
                          "device": device.device_kind, **row})
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
             save()

@@ -4,7 +4,7 @@ Run as a script in a fresh process, so that XLA_FLAGS (set before JAX starts) ca
 several fake CPU devices:
 
   python tests/sharded_explain_main.py OUT.npz parallel      # test_parallel.py's fixture
-  python tests/sharded_explain_main.py OUT.npz determinism   # test_determinism.py's, two layouts
+  python tests/sharded_explain_main.py OUT.npz determinism   # test_determinism.py's, its layouts
 """
 
 import sys
@@ -29,8 +29,8 @@ def main(out_path: str, fixture: str) -> None:
     classifier, images, indices = test_determinism.fixture()
     keys = parallel.image_keys(test_determinism.SEED, indices)
     arrays = {}
-    for batching in ("auto", "map"):
-      config = test_determinism.with_layout(test_determinism.CONFIG, batching)
+    for batching, driver in test_determinism.LAYOUTS.items():
+      config = test_determinism.with_layout(test_determinism.CONFIG, batching, driver)
       explanation = parallel.sharded_explain(classifier, images, keys, config)
       arrays.update({f"{batching}/{name}": value for name, value in explanation._asdict().items()})
   np.savez(out_path, device_count=jax.device_count(), **arrays)

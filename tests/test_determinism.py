@@ -1,6 +1,7 @@
 """Image i's explanation depends only on image i, its key and the config: to float32 equality
 whatever its batch, the batch size, the chunking or the device count, for every layout that
-promises it ("sequential" and "map", `pfc_jax._loop`).
+promises it ("sequential" and "map", and "dense" for a given compute batch, `pfc_jax._loop`;
+more of "dense" in `test_dense.py`).
 
 The settings run long enough for float differences to show: with the perturbation vmapped over
 the batch (batching "vmap"), image 1 of 3 ends 2.4e-7 away from image 1 alone after 20 steps
@@ -32,6 +33,9 @@ COALITIONS = CoalitionConfig.tiny(train_backbone=False, resolution=8, max_steps=
 PERTURB = PerturbConfig(steps=20, noise_samples=4, learning_rate=0.1, max_w=5.0,
                         max_coalitions=COALITIONS.num_channels)
 CONFIG = ExplainConfig(COALITIONS, PERTURB)
+# Compared across device counts, each with the driver it has inside `shard_map`: "dense" is
+# then compiled (the drivers agree up to float rounding only).
+LAYOUTS = {"auto": "auto", "map": "auto", "dense": "compiled"}
 
 
 def with_layout(config: ExplainConfig, batching: str, driver: str = "auto") -> ExplainConfig:
@@ -98,12 +102,14 @@ def test_layouts_give_the_same_coalitions_up_to_float_ties():
 
 
 def test_results_do_not_depend_on_the_device_count(tmp_path):
-  """4 fake CPU devices against this process's one, in the CPU default layout and in "map",
-  the layout of GPUs and TPUs (a `lax.map` inside `shard_map`)."""
+  """4 fake CPU devices against this process's one, in the CPU default layout, in "map" (a
+  `lax.map` over the images inside `shard_map`) and in "dense", the layout of GPUs and TPUs
+  (a `lax.map` over compute batches inside `shard_map`; compute batch 4, the CPU default, so
+  each device pads its one image to 4 where the single device runs the 3 images together)."""
   classifier, images, indices = fixture()
   keys = parallel.image_keys(SEED, indices)
-  single = {batching: explain(classifier, images, keys, with_layout(CONFIG, batching))
-            for batching in ("auto", "map")}
+  single = {batching: explain(classifier, images, keys, with_layout(CONFIG, batching, driver))
+            for batching, driver in LAYOUTS.items()}
   out_path = tmp_path / "sharded.npz"
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={_FAKE_DEVICES}",
          "JAX_PLATFORMS": "cpu"}

@@ -77,13 +77,14 @@ def _below_one(rate, carry):
 HALVING = _loop.Stage(_halving_prepare, _halving_step, _halving_finish, _below_one)
 
 
-@pytest.mark.parametrize("batching, driver", [
-    ("sequential", "python"), ("sequential", "compiled"), ("map", "compiled"), ("vmap", "python"),
-    ("vmap", "compiled")])
-def test_run_images_layouts_agree_and_stop_per_image(batching, driver):
+@pytest.mark.parametrize("batching, driver, compute_batch", [
+    ("sequential", "python", None), ("sequential", "compiled", None), ("map", "compiled", None),
+    ("vmap", "python", None), ("vmap", "compiled", None), ("dense", "python", 2),
+    ("dense", "compiled", 2), ("dense", "python", None)])
+def test_run_images_layouts_agree_and_stop_per_image(batching, driver, compute_batch):
   starts = jnp.array([1.5, 20.0, 0.25])
   outputs, outs = _loop.run_images(HALVING, 0.5, jnp.float32(2.0), starts, 12,
-                                   batching=batching, driver=driver)
+                                   batching=batching, driver=driver, compute_batch=compute_batch)
   # Prepared 3, 40, 0.5; halved until below 1 (2, 6 and 0 halvings); finished + 2.
   np.testing.assert_allclose(outputs, [0.75 + 2, 0.625 + 2, 0.5 + 2])
   assert outs.shape == (3, 12)
@@ -91,9 +92,21 @@ def test_run_images_layouts_agree_and_stop_per_image(batching, driver):
   assert not np.any(outs[:, 6:]) and not np.any(outs[2])
 
 
+def test_dense_layout_runs_traced_in_compute_batches():
+  """Inside a traced program (as under `shard_map`) the compute batches are a `lax.map`."""
+  starts = jnp.array([1.5, 20.0, 0.25])
+  run = jax.jit(lambda s: _loop.run_images(HALVING, 0.5, jnp.float32(2.0), s, 12,
+                                           batching="dense", compute_batch=2))
+  outputs, outs = run(starts)
+  np.testing.assert_allclose(outputs, [0.75 + 2, 0.625 + 2, 0.5 + 2])
+  assert outs.shape == (3, 12)
+
+
 def test_batching_is_checked():
   assert _loop.resolve_batching("auto") == (
       "sequential" if jax.default_backend() == "cpu" else "map")
+  assert _loop.resolve_batching("auto", accelerator="dense") == (
+      "sequential" if jax.default_backend() == "cpu" else "dense")
   with pytest.raises(ValueError, match="batching"):
     _loop.check_batching("pmap", "auto")
   with pytest.raises(ValueError, match="driver='python'"):

@@ -9,6 +9,7 @@ would run convolutions inside `lax.scan`, measured 16-28x slower on XLA:CPU (see
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 import jax
@@ -153,3 +154,41 @@ def check_config(config: Any, config_type: type) -> Any:
   if not isinstance(config, config_type):
     raise ValueError(f"`config` must be a {config_type.__name__}, got {type(config).__name__}.")
   return config
+
+
+def import_optional(module: str, method: str, extra: str) -> Any:
+  """Imports `module`, a package of the optional extra `extra` that `method` runs on.
+
+  Raises:
+    ImportError: naming the extra to install, when `module` (or a package it needs) is missing.
+  """
+  try:
+    return importlib.import_module(module)
+  except ImportError as error:
+    raise ImportError(
+        f"`{method}` needs the optional package {module.split('.')[0]!r} ({error}); install it "
+        f"with `pip install 'pfc-jax[{extra}]'`.") from error
+
+
+def call_padded(fn: Callable, batch: np.ndarray, size: int, *args: Any) -> np.ndarray:
+  """`fn(*args, items)` for every `size` items of a host batch, the last chunk padded to `size`.
+
+  Packages that drive the model from host code (XRAI's, LIME's) hand over batches of varying
+  length; padding each to `size` items (repeats of the last one) lets a jitted `fn` compile once.
+
+  Args:
+    fn: `fn(*args, items [size, ...] float32) -> [size, ...]`, usually jitted.
+    batch: `[N, ...]` items, N >= 1.
+    size: Items per call of `fn`.
+    *args: Leading arguments of `fn` (e.g. the classifier).
+
+  Returns:
+    `[N, ...]` numpy array, the outputs of the N items.
+  """
+  batch = np.asarray(batch, np.float32)
+  outputs = []
+  for start in range(0, len(batch), size):
+    items = batch[start:start + size]
+    padded = np.concatenate([items, np.repeat(items[-1:], size - len(items), axis=0)])
+    outputs.append(np.asarray(fn(*args, padded))[:len(items)])
+  return np.concatenate(outputs)

@@ -85,6 +85,28 @@ class CoalitionNet(nn.Module):
     return self.head(self.backbone(x))
 
 
+def batched_head(params: dict, features: jax.Array) -> jax.Array:
+  """`CoalitionNet.head` of B images at once, each with its own head parameters.
+
+  The 1x1 convolution is one batched matrix product: under `vmap`, per-image kernels make it a
+  grouped convolution (`feature_group_count` = B), and its kernel gradient one too, which
+  XLA:GPU runs slowly; a matrix product with a batch axis stays dense.
+
+  Args:
+    params: `{"conv6": {"kernel" [B, 1, 1, C5, l], "bias" [B, l]}, "bn6": {"scale", "bias"
+      [B, l]}}`, the head parameters of B networks.
+    features: `[B, 1, H, W, C5]` backbone features, each image's with its batch axis of 1.
+
+  Returns:
+    `[B, 1, H, W, l]` coalition scores, as `vmap` of `head` gives them up to float rounding.
+  """
+  conv = params["conv6"]
+  x = (jnp.einsum("bnhwc,bcl->bnhwl", features, conv["kernel"][:, 0, 0])
+       + conv["bias"][:, None, None, None])
+  norm = nn.InstanceNorm(epsilon=_BN_EPSILON, use_fast_variance=False)
+  return jax.vmap(lambda p, y: norm.apply({"params": p}, y))(params["bn6"], x)
+
+
 def init_params(key: jax.Array, num_channels: int = 20, width: float = 1.0) -> dict:
   """PyTorch's default initialisation of the FEN's parameters, as the authors' code has it.
 
