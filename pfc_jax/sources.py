@@ -7,7 +7,7 @@ indices. Images are resized and centre-cropped as `pfc_jax.data.load_image` does
 
 `identity()` says what the items are, cheaply, so that a resumed batch job can tell whether its
 inputs changed since it started (`identity_changes` compares two); `item_id(i)` is item i's id
-without decoding its image, for spot checks against saved results.
+alone, for spot checks against saved results (a tfds source reads the record for it).
 
 tfds splits are read with `tfds.data_source` (ArrayRecord random access, no TensorFlow needed),
 or, for data prepared as TFRecord (most existing tfds ImageNet builds), with `tf.data` when

@@ -166,3 +166,19 @@ def test_a_missing_package_names_the_extra(monkeypatch, name, modules, extra):
 def test_bad_configs_raise(make_config, match):
   with pytest.raises(ValueError, match=match):
     make_config()
+
+
+@pytest.mark.parametrize("name, module, extra, make_config", [
+    ("xrai", "saliency.core", "xrai", lambda n: baselines.XRAIConfig(steps=4, batch_size=n)),
+    ("lime", "lime", "lime", lambda n: baselines.LIMEConfig(
+        num_samples=40, batch_size=n, segmentation=TINY_LIME.segmentation)),
+])
+def test_batch_size_does_not_change_the_maps(name, module, extra, make_config):
+  """`batch_size` is documented as memory or speed only. Equal to float32 rounding: another
+  batch size of the jitted call may round the classifier's outputs differently."""
+  _needs(module, extra)
+  images, target = _images_and_targets()
+  maps = [np.asarray(baselines.METHODS[name](_classifier(), images, target, jax.random.key(0),
+                                             make_config(n))) for n in (1, 3, 64)]
+  for other in maps[1:]:
+    np.testing.assert_allclose(other, maps[0], rtol=1e-4, atol=1e-5 * np.abs(maps[0]).max())
