@@ -25,7 +25,8 @@
 # without them the benchmark uses random images and the end-to-end job the packaged photo).
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh
 # runs every step in miniature (shapes_cnn, 32 px, 2 steps) on any backend, into
-# ${GPU_CHECK_OUT:-/tmp/gpu_check_smoke}: a minute on a CPU, to know the script runs.
+# ${GPU_CHECK_OUT:-/tmp/gpu_check_smoke}, to know the script runs (minutes on a CPU, where
+# every time limit is 4 times longer).
 set -u
 cd "$(dirname "$0")/.."
 PHOTOS=${1:-../shared/evaldata/imagenet-sample}
@@ -33,11 +34,13 @@ WEIGHTS=${2:-../shared/evaldata/squeezenet1_1.safetensors}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   OUT=${GPU_CHECK_OUT:-/tmp/gpu_check_smoke}
-  SQUEEZENET=shapes_cnn VGG16=shapes_cnn SIZE=32 MAX_STEPS=2 BATCHES="1 2" BIG=2 COUNT=16
+  SQUEEZENET=shapes_cnn VGG16=shapes_cnn MODELS=shapes_cnn SIZE=32 MAX_STEPS=2 BATCHES="1 2"
+  BIG=2 COUNT=16 CAP=(--max-steps 2) PAPER=tiny
   LIMIT_SCALE=4  # A CPU compiles and runs slower than the GPU the limits are set for.
 else
   OUT=${GPU_CHECK_OUT:-docs/results/gpu_check}
-  SQUEEZENET=squeezenet1_1 VGG16=vgg16 SIZE=224 MAX_STEPS=10 BATCHES="1 16 64" BIG=16 COUNT=1024
+  SQUEEZENET=squeezenet1_1 VGG16=vgg16 MODELS="squeezenet1_1 vgg16" SIZE=224 MAX_STEPS=10
+  BATCHES="1 16 64" BIG=16 COUNT=1024 CAP=() PAPER=paper
   LIMIT_SCALE=1
 fi
 mkdir -p "$OUT"
@@ -69,76 +72,81 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs t
   git rev-parse --short HEAD 2>/dev/null
 } > "$SUMMARY" 2>&1
 
-BENCH=("$PYTHON" scripts/benchmark.py --size "$SIZE" "${IMAGES[@]}")
-step fast_dense 100 "${BENCH[@]}" --model "$SQUEEZENET" "$VGG16" --preset fast \
+BENCH=("$PYTHON" scripts/benchmark.py --size "$SIZE" "${IMAGES[@]}" "${CAP[@]}")
+step fast_dense 100 "${BENCH[@]}" --model $MODELS --preset fast \
   --batch $BATCHES --batching dense --precision bfloat16 --json "$OUT/fast_dense.json"
-step fast_map 50 "${BENCH[@]}" --model "$SQUEEZENET" "$VGG16" --preset fast --batch "$BIG" \
+step fast_map 50 "${BENCH[@]}" --model $MODELS --preset fast --batch "$BIG" \
   --batching map --precision bfloat16 --json "$OUT/fast_map.json"
-step fast_float32 40 "${BENCH[@]}" --model "$SQUEEZENET" "$VGG16" --preset fast --batch "$BIG" \
+step fast_float32 40 "${BENCH[@]}" --model $MODELS --preset fast --batch "$BIG" \
   --batching dense --precision float32 --json "$OUT/fast_float32.json"
-step paper_vgg16 50 "${BENCH[@]}" --model "$VGG16" --preset paper --max-steps "$MAX_STEPS" \
+step paper_vgg16 50 "${BENCH[@]}" --model "$VGG16" --preset "$PAPER" --max-steps "$MAX_STEPS" \
   --batch "$BIG" --batching dense map --precision bfloat16 --json "$OUT/paper_vgg16.json"
-step paper_float32 30 "${BENCH[@]}" --model "$VGG16" --preset paper --max-steps "$MAX_STEPS" \
+step paper_float32 30 "${BENCH[@]}" --model "$VGG16" --preset "$PAPER" --max-steps "$MAX_STEPS" \
   --batch "$BIG" --batching dense --precision float32 --json "$OUT/paper_float32.json"
 
-step memory 35 "$PYTHON" scripts/memory.py --model "$SQUEEZENET" "$VGG16" --preset fast paper \
+step memory 35 "$PYTHON" scripts/memory.py --model $MODELS --preset fast "$PAPER" \
   --size "$SIZE" --batch 1 "$BIG" --precision bfloat16 float32 --json "$OUT/memory.json"
-step memory_measured 30 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+step memory_measured 30 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
   "${BENCH[@]}" --model "$VGG16" --preset fast --batch "$BIG" --batching dense \
   --max-steps "$MAX_STEPS" --json "$OUT/memory_measured.json"
 
-step remat 40 "$PYTHON" - "$SIZE" "$VGG16" <<'EOF'
-"""Which program logs XLA's rematerialisation warnings: each stage of `paper` compiled alone."""
+step remat 40 "$PYTHON" - "$SIZE" "$VGG16" "$PAPER" <<'EOF'
+"""Which program logs XLA's rematerialisation warnings: each stage of `paper` compiled alone
+(a one-image step, as the "map" layout runs it)."""
 import os, subprocess, sys
-size, model = sys.argv[1:]
+size, model, preset = sys.argv[1:]
 PROGRAM = """
 import sys, jax, jax.numpy as jnp
 sys.path.insert(0, "scripts")
 import memory
 from pfc_jax.explain import ExplainConfig
 stage = sys.argv[1]
-config = ExplainConfig.preset("paper")
+config = ExplainConfig.preset(sys.argv[4])
 classifier = memory._abstract_classifier(sys.argv[3], int(sys.argv[2]))
 inputs = dict(zip(("coalitions", "perturbation"), memory._inputs(config, int(sys.argv[2]))))
-s, static, shared = memory._stages(config, classifier)[stage]
+s, static, shared = memory._stages(config, classifier, "map")[stage]
 analysis, _, _ = memory._step_memory(s, static, shared, inputs[stage], 1, "map")
 print(f"temp {analysis.temp_size_in_bytes / 1e9:.2f} GB")
 """
 for stage in ("coalitions", "perturbation"):
   for flags in ("", "--xla_gpu_autotune_level=0"):
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
-    run = subprocess.run([sys.executable, "-c", PROGRAM, stage, size, model], env=env,
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+    if not env["XLA_FLAGS"]:
+      del env["XLA_FLAGS"]
+    run = subprocess.run([sys.executable, "-c", PROGRAM, stage, size, model, preset], env=env,
                          capture_output=True, text=True, timeout=120)
     warnings = [line for line in run.stderr.splitlines() if "hlo_rematerialization" in line]
-    print(f"paper {stage} step, one image at {size} px, XLA_FLAGS={flags or '(none)'}: "
+    print(f"{preset} {stage} step, one image at {size} px, XLA_FLAGS={flags or '(none)'}: "
           f"{run.stdout.strip() or run.stderr.strip()[-300:]}; {len(warnings)} "
           f"rematerialisation warnings{': ' + warnings[0][-160:] if warnings else ''}")
 EOF
 
-step determinism 25 "$PYTHON" - "$SQUEEZENET" <<'EOF'
+DETERMINISM_PRESET=fast
+[ "$SMOKE" = 1 ] && DETERMINISM_PRESET=tiny
+step determinism 25 "$PYTHON" - "$SQUEEZENET" "$DETERMINISM_PRESET" <<'EOF'
 import dataclasses, sys, jax, numpy as np
 from pfc_jax import models, parallel
 from pfc_jax.explain import ExplainConfig, explain
-model = sys.argv[1]
+model, preset = sys.argv[1:]
 module = models.module(model)
 classifier = models.classifier(model, jax.jit(module.init)(
     jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32)))
 images = np.random.default_rng(0).random((4, 64, 64, 3), np.float32)
 keys = parallel.image_keys(0, range(4))
-base = ExplainConfig.preset("fast")
+base = ExplainConfig.preset(preset)
 config = ExplainConfig(dataclasses.replace(base.coalitions, batching="dense", compute_batch=4),
                        dataclasses.replace(base.perturb, batching="dense", compute_batch=4))
 together = jax.device_get(explain(classifier, images, keys, config))
 for i in range(4):
   alone = jax.device_get(explain(classifier, images[i:i + 1], keys[i:i + 1], config))
-  print(f"fast, dense, compute_batch 4, image {i}: alone vs in a batch of 4, max |saliency "
+  print(f"{preset}, dense, compute_batch 4, image {i}: alone vs in a batch of 4, max |saliency "
         f"difference| {np.abs(alone.saliency[0] - together.saliency[i]).max():.3g}, labels "
         f"equal: {np.array_equal(alone.labels[0], together.labels[i])}")
 EOF
 
 E2E=("$PYTHON" scripts/batch_throughput.py --count "$COUNT" --size "$SIZE" "${PHOTOS_ARG[@]}")
 SMOKE_STEPS=()
-[ "$SMOKE" = 1 ] && SMOKE_STEPS=(--max-steps "$MAX_STEPS" --chunk-size 4)
+[ "$SMOKE" = 1 ] && SMOKE_STEPS=("${CAP[@]}" --chunk-size 4)
 WEIGHTS_ARG=()
 [ -f "$WEIGHTS" ] && [ "$SMOKE" != 1 ] && WEIGHTS_ARG=(--weights "$WEIGHTS")
 step end_to_end_squeezenet 35 "${E2E[@]}" --model "$SQUEEZENET" "${WEIGHTS_ARG[@]}" \

@@ -76,13 +76,16 @@ def _inputs(config: ExplainConfig, size: int):
   return (image, keys), (image, labels, keys, hyper)
 
 
-def _stages(config: ExplainConfig, classifier):
-  """`{stage name: (stage, static, shared)}` as `explain` runs them."""
+def _stages(config: ExplainConfig, classifier, layout: str):
+  """`{stage name: (stage, static, shared)}` as `explain` runs them in `layout`: under
+  "dense" the perturbation's games share one program, otherwise they run one after another
+  (the first, the larger, is the one measured)."""
+  # pylint: disable=protected-access
+  games = perturbation._games(config.perturb)
   return {
-      "coalitions": (coalitions._STAGE,  # pylint: disable=protected-access
-                     coalitions._static_config(config.coalitions), None),  # pylint: disable=protected-access
-      "perturbation": (perturbation._GAMES_STAGE,  # pylint: disable=protected-access
-                       perturbation._games(config.perturb), classifier),  # pylint: disable=protected-access
+      "coalitions": (coalitions._STAGE, coalitions._static_config(config.coalitions), None),
+      "perturbation": ((perturbation._GAMES_STAGE, games, classifier) if layout == "dense"
+                       else (perturbation._STAGE, games[0], classifier)),
   }
 
 
@@ -95,7 +98,7 @@ def row(model: str, preset: str, size: int, batch: int, layout: str, precision: 
   stage_inputs = dict(zip(("coalitions", "perturbation"), _inputs(config, size)))
   result = {"model": model, "preset": preset, "size": size, "batch": batch, "layout": layout,
             "precision": precision, "backend": jax.default_backend()}
-  for name, (stage, static, shared) in _stages(config, classifier).items():
+  for name, (stage, static, shared) in _stages(config, classifier, layout).items():
     stage_layout = layout if name == "perturbation" or not config.coalitions.train_backbone \
         else "map"  # `paper`'s coalitions keep the one-image program.
     analysis, shared_bytes, carry_bytes = _step_memory(stage, static, shared, stage_inputs[name],
