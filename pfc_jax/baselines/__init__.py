@@ -6,6 +6,7 @@ PRNG key (used by RISE only), and returns saliency `[B, H, W] float32`, larger =
 is `pfc_jax.explain`; `pfc_jax.evaluation` adds it and its ablations by name.
 """
 
+from pfc_jax.baselines.attention_rollout import AttentionRolloutConfig, attention_rollout
 from pfc_jax.baselines.gradcam import GradCAMConfig, gradcam
 from pfc_jax.baselines.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
 from pfc_jax.baselines.occlusion import OcclusionConfig, occlusion
@@ -18,6 +19,7 @@ METHODS = {
     "integrated_gradients": integrated_gradients,
     "occlusion": occlusion,
     "rise": rise,
+    "attention_rollout": attention_rollout,
 }
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "IntegratedGradientsConfig", "integrated_gradients",
     "OcclusionConfig", "occlusion",
     "RISEConfig", "rise",
+    "AttentionRolloutConfig", "attention_rollout",
 ]
