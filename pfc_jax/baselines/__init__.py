@@ -10,6 +10,7 @@ is `pfc_jax.explain`; `pfc_jax.evaluation` adds it and its ablations by name.
 them they raise ImportError naming the extra (`pip install 'pfc-jax[xrai]'`, `'pfc-jax[lime]'`).
 """
 
+from pfc_jax.baselines.attention_rollout import AttentionRolloutConfig, attention_rollout
 from pfc_jax.baselines.extremal import ExtremalPerturbationConfig, extremal_perturbation
 from pfc_jax.baselines.gradcam import GradCAMConfig, gradcam
 from pfc_jax.baselines.integrated_gradients import IntegratedGradientsConfig, integrated_gradients
@@ -41,4 +42,5 @@ __all__ = [
     "XRAIConfig", "xrai",
     "LIMEConfig", "QuickshiftConfig", "lime", "lime_coalitions",
     "ExtremalPerturbationConfig", "extremal_perturbation",
+    "AttentionRolloutConfig", "attention_rollout",
 ]
