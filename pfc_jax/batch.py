@@ -12,10 +12,19 @@ count or where a job was resumed.
 On resume a results file that is damaged (truncated, corrupt) is reported, removed and its
 images explained again. `manifest.json` records every setting that changes the results (and,
 for information, the first run's chunk size); a job with different settings is refused on an
-existing output folder. While a job runs it holds `job.lock` in its folder, so a second job on
-the same folder is refused rather than interleaved; the lock is an `flock`, which the
-operating system releases however the process ends, and the file names the holder's PID. A
-lock left by a process that has ended is taken over.
+existing output folder. It also records what the inputs are (`source.identity()`: each image
+file's name, size and modification time; a tfds split's version and size), and a resume whose
+inputs changed since the job started (an item replaced, renamed, added or removed) is refused,
+naming the items, rather than mixing results of the old and the new inputs; the ids of the
+first few saved items are also read back from the source and compared. So is a resume by another pfc-jax
+version, whose results may differ. A folder written before identities were recorded (manifest
+format 2 and older) cannot be checked: it is resumed with a warning, and the identities of the
+inputs found then, and the version, are recorded for later runs.
+
+While a job runs it holds `job.lock` in its folder, so a second job on the same folder is
+refused rather than interleaved; the lock is an `flock`, which the operating system releases
+however the process ends, and the file names the holder's PID. A lock left by a process that
+has ended is taken over.
 
 Reading and decoding the next compute batch, and writing the previous one's results file, run on
 background threads while the current batch computes (`pfc_jax.prefetch`), so the device does not
@@ -56,13 +65,18 @@ import jax
 import numpy as np
 import tqdm
 
-from pfc_jax import io, parallel, prefetch
+import pfc_jax
+from pfc_jax import io, parallel, prefetch, sources
+from pfc_jax.classifier import check_classifier
 from pfc_jax.explain import ExplainConfig
 from pfc_jax.sources import BadItemError
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: manifests record the inputs' identity ("items").
 # Manifest entries recorded for information only: resuming with other values is allowed.
 _UNCHECKED = ("format", "chunk_size")
+_ITEMS = "items"  # The inputs' identity, compared item by item (`sources.identity_changes`).
+_VERSION = "pfc_jax"  # The pfc-jax version that computed the results.
+_ID_CHECKS = 8  # Saved items whose ids are read back from the source on resume.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _ACCELERATOR_CHUNK_SIZE = 64
 
@@ -107,7 +121,7 @@ def build_manifest(source, config: ExplainConfig, chunk_size: int, seed: int,
   """The JSON-ready record of everything that determines a job's results.
 
   Args:
-    source: The image source (its `describe()` is recorded).
+    source: The image source (its `describe()` and `identity()` are recorded).
     config: The explanation settings.
     chunk_size: Images per compute batch; recorded for information (not checked on resume).
     seed: The job's seed.
@@ -115,7 +129,8 @@ def build_manifest(source, config: ExplainConfig, chunk_size: int, seed: int,
   """
   return json.loads(json.dumps({
       "format": _FORMAT_VERSION, "input": source.describe(), "chunk_size": int(chunk_size),
-      "seed": int(seed), "settings": settings, "config": dataclasses.asdict(config)}))
+      "seed": int(seed), "settings": settings, "config": dataclasses.asdict(config),
+      _VERSION: pfc_jax.__version__, _ITEMS: source.identity()}))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -130,12 +145,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
   """Checks `manifest` against the one stored in `out_dir`, except the informational entries.
 
+  The settings and the pfc-jax version are compared entry by entry, the inputs' identities
+  item by item. A stored manifest without identities and version (written before they were
+  recorded) passes those two checks.
+
   Returns:
     The stored manifest, or None when `out_dir` holds none.
 
   Raises:
-    ValueError: the stored manifest differs in a setting that changes the results (the message
-      names every one), or was written by a newer pfc-jax.
+    ValueError: the stored manifest differs in a setting that changes the results, or in the
+      inputs (an item changed, added or removed; the message names every setting and up to 10
+      items of each kind), or was written by a newer pfc-jax.
   """
   path = Path(out_dir) / io.MANIFEST_NAME
   if not path.is_file():
@@ -144,14 +164,23 @@ def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, A
   if stored_manifest.get("format", 0) > _FORMAT_VERSION:
     raise ValueError(f"`out` {str(out_dir)!r} was written by a newer pfc-jax (format "
                      f"{stored_manifest['format']}); upgrade pfc-jax or use another output folder.")
-  stored, wanted = _flatten(stored_manifest), _flatten(manifest)
+  checked = lambda m: {key: value for key, value in m.items()
+                       if key != _ITEMS and (key != _VERSION or _VERSION in stored_manifest)}
+  stored, wanted = _flatten(checked(stored_manifest)), _flatten(checked(manifest))
   differences = [f"{key}: {stored.get(key, '<missing>')!r} there, {wanted.get(key, '<missing>')!r} now"
                  for key in sorted(set(stored) | set(wanted))
                  if key not in _UNCHECKED and stored.get(key) != wanted.get(key)]
-  if differences:
+  changes = []
+  if _ITEMS in stored_manifest:
+    changes = sources.identity_changes(stored_manifest[_ITEMS], manifest[_ITEMS])
+  if differences or changes:
     raise ValueError(
-        f"`out` {str(out_dir)!r} holds a job with other settings; use another output folder or "
-        "delete it to start over. Differences: " + "; ".join(differences))
+        f"`out` {str(out_dir)!r} holds a job with other "
+        + " and ".join(["settings"] * bool(differences) + ["inputs"] * bool(changes))
+        + "; resuming would mix their results with these. Use another output folder, or delete "
+        "it to start over."
+        + (" Differences: " + "; ".join(differences) + "." if differences else "")
+        + (" Inputs changed since the job started: " + "; ".join(changes) + "." if changes else ""))
   return stored_manifest
 
 
@@ -304,6 +333,7 @@ class _Saved(NamedTuple):
   """What the intact results files of a folder hold."""
   done: set[int]  # Data-set positions explained or found unreadable.
   failures: dict[str, tuple[int, str]]  # id -> (position, or its chunk's first one; reason)
+  ids: dict[int, tuple[str, str]]  # position -> (id, file name); results files only
 
 
 def _scan(out_dir: Path, stored_manifest: dict[str, Any] | None, num_items: int) -> _Saved:
@@ -313,7 +343,7 @@ def _scan(out_dir: Path, stored_manifest: dict[str, Any] | None, num_items: int)
     ValueError: two files hold the same data-set position.
   """
   chunk_size = stored_manifest["chunk_size"] if stored_manifest else 0
-  owner, failures = {}, {}
+  owner, failures, ids = {}, {}, {}
   for path in io.chunk_paths(out_dir) + io.results_paths(out_dir):
     try:
       arrays = io.load_results_file(path)
@@ -324,6 +354,8 @@ def _scan(out_dir: Path, stored_manifest: dict[str, Any] | None, num_items: int)
     if "indices" in arrays:
       positions = arrays["indices"].tolist() + arrays["failed_indices"].tolist()
       failed_positions = arrays["failed_indices"].tolist()
+      ids.update((position, (item_id, path.name)) for position, item_id in zip(
+          positions, arrays["ids"].tolist() + arrays["failed_ids"].tolist()))
     else:
       first = io.chunk_number(path) * chunk_size
       positions = list(range(first, min(num_items, first + chunk_size)))
@@ -335,7 +367,27 @@ def _scan(out_dir: Path, stored_manifest: dict[str, Any] | None, num_items: int)
       owner[position] = path
     failures.update((item_id, (position, reason)) for item_id, reason, position in zip(
         arrays["failed_ids"].tolist(), arrays["failed_reasons"].tolist(), failed_positions))
-  return _Saved(set(owner), failures)
+  return _Saved(set(owner), failures, ids)
+
+
+def _check_saved_ids(source, ids: dict[int, tuple[str, str]], out_dir: Path) -> None:
+  """Reads back the ids of the first `_ID_CHECKS` saved items from `source` (`item_id`) and
+  compares them with the saved ones. The first ones, read in order, cost one record each, also
+  for sequential readers (`sources._TfDataRecords`); another build or order of a data set
+  changes them as surely as any.
+
+  Raises:
+    ValueError: naming the items whose ids differ: the source is not the one the results were
+      computed from (another tfds build, or records in another order).
+  """
+  positions = [position for position in sorted(ids) if position < len(source)][:_ID_CHECKS]
+  current = {position: source.item_id(position) for position in positions}
+  wrong = [f"item {position} is {item_id!r} now but {ids[position][0]!r} in {ids[position][1]}"
+           for position, item_id in current.items() if item_id != ids[position][0]]
+  if wrong:
+    raise ValueError(
+        f"`out` {str(out_dir)!r} holds results of other inputs: " + "; ".join(wrong) + ". Use "
+        "another output folder, or delete it to start over.")
 
 
 def _write_failures(out_dir: Path, failures: dict[str, tuple[int, str]]) -> None:
@@ -375,6 +427,7 @@ def _explain_batch(indices: list[int], read: tuple[list[int], tuple], classifier
   """Explains one compute batch, read by `_read_batch`, on every device of every process;
   returns its file's arrays."""
   rows, (ids, images, failures) = read
+  check_classifier(classifier, images)  # Also where `sharded_explain` traces `explain`.
   explanation = parallel.sharded_explain(
       classifier, images, parallel.image_keys(seed, rows), config, mesh, vgg_params)
   gathered = parallel.allgather_objects({"ids": ids, "failures": failures})
@@ -395,18 +448,29 @@ def _explain_batch(indices: list[int], read: tuple[list[int], tuple], classifier
   }
 
 
-def _prepare(out_dir: Path, manifest: dict[str, Any], num_items: int,
+def _prepare(out_dir: Path, manifest: dict[str, Any], source,
              progress: _Progress) -> tuple[list[int], dict[str, tuple[int, str]]]:
-  """On the writing process: takes the lock, checks the settings, finds what is left to do."""
+  """On the writing process: takes the lock, checks the settings and the inputs, finds what is
+  left to do."""
+  num_items = len(source)
   progress.job_lock = _JobLock(out_dir)
   stale = progress.job_lock.acquire()
   if stale is not None:
     warnings.warn(f"Took over {progress.job_lock.path} from {stale}, which has ended.", stacklevel=3)
   stored = check_manifest(out_dir, manifest)
-  if stored is None:
-    io.write_json(out_dir / io.MANIFEST_NAME, manifest)
   _remove_temporary_files(out_dir)
   saved = _scan(out_dir, stored, num_items)
+  _check_saved_ids(source, saved.ids, out_dir)
+  if stored is None:
+    io.write_json(out_dir / io.MANIFEST_NAME, manifest)
+  elif _ITEMS not in stored:
+    warnings.warn(
+        f"{out_dir / io.MANIFEST_NAME} was written by a pfc-jax that did not record what the "
+        f"inputs are, so whether they changed since the job started cannot be checked; its "
+        f"{len(saved.done)} saved items are kept. What the inputs are now is recorded, and "
+        "later runs check it.", stacklevel=3)
+    io.write_json(out_dir / io.MANIFEST_NAME,
+                  {**stored, _VERSION: manifest[_VERSION], _ITEMS: manifest[_ITEMS]})
   _write_failures(out_dir, saved.failures)
   return [i for i in range(num_items) if i not in saved.done], saved.failures
 
@@ -418,8 +482,8 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
   """Explains every item of `source` into `out_dir`, resuming a previous run of the same job.
 
   Args:
-    source: An indexed source with `__len__`, `read(i) -> (id, image01)`, `describe()` and
-      `size` (`sources.ImageFolderSource`, `sources.TfdsSource`).
+    source: An indexed source with `__len__`, `read(i) -> (id, image01)`, `describe()`,
+      `identity()`, `item_id(i)` and `size` (`sources.ImageFolderSource`, `sources.TfdsSource`).
     classifier: The `Classifier` to explain.
     out_dir: Output folder, created if missing.
     config: Explanation settings.
@@ -441,13 +505,15 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     A `JobSummary`.
 
   Raises:
-    ValueError: `out_dir` holds a job with other settings, two of its results files overlap,
-      or `chunk_size` < 1.
+    ValueError: `out_dir` holds a job with other settings or other inputs (an item changed,
+      renamed, added or removed since the job started; the message names them), two of its
+      results files overlap, or `chunk_size` < 1.
     JobLockedError: another running job holds `out_dir`.
 
   Warns:
-    UserWarning: a damaged results file was removed (its images are explained again), or the
-      lock of a process that has ended was taken over.
+    UserWarning: a damaged results file was removed (its images are explained again), the
+      lock of a process that has ended was taken over, or the folder's manifest predates the
+      inputs' identities (see the module docstring).
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
   chunk_size = default_chunk_size(mesh) if chunk_size is None else chunk_size
@@ -464,7 +530,7 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     pending = failures = error = None
     if writer:
       try:
-        pending, failures = _prepare(out_dir, manifest, len(source), state)
+        pending, failures = _prepare(out_dir, manifest, source, state)
       except (ValueError, JobLockedError) as e:
         error = e
     shared = parallel.allgather_objects({"pending": pending, "failed": len(failures or {}),

@@ -32,6 +32,9 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
   and `full` already blur so, without noise) | `relative_blur` (`blur_sigma = 0`,
   `blur_fraction = 0.08`: the blur over 8% of the image's shorter side, 17.9 px at 224 px and
   5.1 px at 64 px, instead of 10 px; with the noise of a noise preset, like `blur`);
+- ablation: `no_coalitions` (the coalition stage is skipped and the perturbation sees the whole
+  image as one coalition: the same objective, mask and steps with the coalitions removed, so
+  that its difference from the method without it is what the coalitions add);
 - preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
   `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
 
@@ -55,10 +58,11 @@ import numpy as np
 import tqdm
 
 from pfc_jax import baselines, io, metrics
-from pfc_jax._inputs import check_images
-from pfc_jax.classifier import Classifier
+from pfc_jax._inputs import check_images, per_image_keys
+from pfc_jax.classifier import Classifier, check_classifier
 
-from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain
+from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain, stage_keys
+from pfc_jax.perturbation import perturb
 
 DEFAULT_METHODS = ("pfc", "gradcam", "scorecam", "integrated_gradients", "occlusion", "rise")
 # Protocol -> the record keys it computes (see the module docstring).
@@ -102,12 +106,19 @@ PFC_MODIFIERS = {
     "dual": ("perturb", dict(deletion_weight=10.0, with_preservation_game=False)),
     "two_games": ("perturb", dict(deletion_weight=10.0, with_preservation_game=True)),
 }
+# Modifiers that change what runs rather than a config field.
+NO_COALITIONS = "no_coalitions"
 PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
 TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
     "occlusion": baselines.OcclusionConfig(patch_size=16, stride=16),
     "rise": baselines.RISEConfig(num_masks=64, chunk_size=32),
+    "xrai": baselines.XRAIConfig(steps=4, batch_size=4),
+    "lime": baselines.LIMEConfig(num_samples=32, batch_size=32),
+    "lime_coalitions": baselines.LIMEConfig(
+        num_samples=32, batch_size=32, segmentation=ExplainConfig.preset("tiny").coalitions),
+    "extremal_perturbation": baselines.ExtremalPerturbationConfig(max_iter=4),
 }
 
 # (report key, column title, scale, format) in table order; percentages are scaled by 100.
@@ -186,7 +197,8 @@ class EvaluationConfig:
 
 
 def method_spec(name: str, preset: str) -> tuple[str, Any]:
-  """Parses a method name into `(baseline name, None)` or `("pfc", ExplainConfig)`.
+  """Parses a method name into `(baseline name, None)`, `("pfc", ExplainConfig)` or, with the
+  `no_coalitions` modifier, `("pfc_no_coalitions", ExplainConfig)`.
 
   Raises:
     ValueError: for an unknown method or PFC modifier, or two modifiers of one kind.
@@ -194,6 +206,8 @@ def method_spec(name: str, preset: str) -> tuple[str, Any]:
   if name in baselines.METHODS:
     return name, None
   head, *modifiers = name.split("-")
+  ablated = NO_COALITIONS in modifiers
+  modifiers = [m for m in modifiers if m != NO_COALITIONS]
   if head != "pfc":
     raise ValueError(
         f"Unknown method {name!r}; choose from pfc[-modifiers] or {sorted(baselines.METHODS)}.")
@@ -205,30 +219,33 @@ def method_spec(name: str, preset: str) -> tuple[str, Any]:
     if m in PFC_MODIFIERS:
       kinds.setdefault((PFC_MODIFIERS[m][0], *PFC_MODIFIERS[m][1]), []).append(m)
   clashes = [group for group in kinds.values() if len(group) > 1]
-  if unknown or len(presets) > 1 or clashes:
+  if unknown or len(presets) > 1 or clashes or name.split("-").count(NO_COALITIONS) > 1:
     problems = ([f"unknown modifier(s) {unknown}"] if unknown else []) + (
         [f"several presets {presets}"] if len(presets) > 1 else []) + [
-        f"{' and '.join(group)} set the same setting" for group in clashes]
+        f"{' and '.join(group)} set the same setting" for group in clashes] + (
+        [f"{NO_COALITIONS} given twice"] if name.split("-").count(NO_COALITIONS) > 1 else [])
     raise ValueError(
         f"Bad PFC method {name!r}: {'; '.join(problems)}. Modifiers are one preset of {PRESETS} "
-        f"and at most one of each kind from {sorted(PFC_MODIFIERS)}.")
+        f"and at most one of each kind from {sorted(PFC_MODIFIERS)}, and {NO_COALITIONS!r}.")
   config = ExplainConfig.preset(presets[0] if presets else preset)
   for modifier in edits:
     part, values = PFC_MODIFIERS[modifier]
     config = dataclasses.replace(
         config, **{part: dataclasses.replace(getattr(config, part), **values)})
-  return "pfc", config
+  return ("pfc_no_coalitions" if ablated else "pfc"), config
 
 
 def needs_vgg_params(config: EvaluationConfig) -> bool:
   """Whether a PFC method of `config` initialises its coalition network from VGG16."""
-  specs = [method_spec(name, config.preset)[1] for name in config.methods]
-  return any(spec is not None and spec.coalitions.init == "vgg16" for spec in specs)
+  specs = [method_spec(name, config.preset) for name in config.methods]
+  return any(kind == "pfc" and spec.coalitions.init == "vgg16" for kind, spec in specs)
 
 
 def method_function(name: str, preset: str, vgg_params: Any = None) -> Method:
   """The saliency function `(classifier, images, target, keys) -> [B, H, W]` of method `name`."""
   kind, config = method_spec(name, preset)
+  if kind == "pfc_no_coalitions":
+    return functools.partial(_pfc_saliency_without_coalitions, config=config)
   if kind != "pfc":
     return functools.partial(
         baselines.METHODS[kind], config=TINY_BASELINES.get(kind) if preset == "tiny" else None)
@@ -241,7 +258,7 @@ def method_settings_id(name: str, preset: str) -> str:
   that scores computed before a preset or modifier changed meaning are not resumed as if current.
   """
   kind, config = method_spec(name, preset)
-  if kind != "pfc":
+  if not kind.startswith("pfc"):
     config = TINY_BASELINES.get(kind) if preset == "tiny" else None
   return fingerprint([kind, dataclasses.asdict(config) if config is not None else "default"])
 
@@ -257,6 +274,17 @@ def _pfc_saliency(classifier: Classifier, images: jax.Array, target: jax.Array, 
   """PFC saliency; PFC explains the predicted class itself, which is `target` by protocol."""
   del target
   return explain(classifier, images, key, config, vgg_params=vgg_params).saliency
+
+
+def _pfc_saliency_without_coalitions(classifier: Classifier, images: jax.Array, target: jax.Array,
+                                     key: jax.Array, *, config: Any) -> jax.Array:
+  """PFC's perturbation with every pixel in coalition 0 (the `no_coalitions` ablation), with the
+  perturbation keys that `explain` would use, so that only the coalitions differ."""
+  del target
+  images = check_images(images)
+  _, perturb_keys = stage_keys(per_image_keys(key, images.shape[0]))
+  labels = jnp.zeros(images.shape[:3], jnp.int32)
+  return perturb(classifier, images, labels, perturb_keys, config.perturb).saliency
 
 
 def read_records(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]], bool]:
@@ -515,11 +543,14 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
     wall-clock time of the method alone (metrics excluded), compilation included.
 
   Raises:
-    ValueError: on bad inputs, or a records file or maps folder written with other settings.
+    ValueError: on bad inputs (a classifier whose `apply_fn` does not return logits `[B, C]`
+      included: `pfc_jax.classifier.check_classifier`), or a records file or maps folder
+      written with other settings.
   """
   config = EvaluationConfig() if config is None else config
   images = check_images(images)
   count = images.shape[0]
+  check_classifier(classifier, images[:config.batch_size])  # The shape of a batch.
   if masks is not None:
     masks = np.asarray(masks)
     if masks.shape != images.shape[:3] or masks.dtype != bool:

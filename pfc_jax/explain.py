@@ -14,7 +14,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 
 from pfc_jax import _inputs
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.perturbation import PerturbConfig, perturb, perturb_sweep
 
@@ -146,10 +146,11 @@ def stage_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys, stage) for stage in (0, 1))
 
 
-def _coalitions_and_perturb_keys(images, key, config: ExplainConfig, vgg_params: Any):
+def _coalitions_and_perturb_keys(classifier, images, key, config: ExplainConfig, vgg_params: Any):
   if not isinstance(config, ExplainConfig):
     raise ValueError(f"`config` must be an ExplainConfig, got {type(config).__name__}.")
   images = _inputs.check_images(images)
+  check_classifier(classifier, images)  # Before the coalition stage, which does not use it.
   coalition_keys, perturb_keys = stage_keys(_inputs.per_image_keys(key, images.shape[0]))
   return images, extract_coalitions(images, coalition_keys, config.coalitions, vgg_params), perturb_keys
 
@@ -172,9 +173,11 @@ def explain(classifier: Classifier, images, key, config: ExplainConfig = Explain
     An `Explanation`.
 
   Raises:
-    ValueError: for malformed images, key, config or vgg_params.
+    ValueError: for malformed images, key, config or vgg_params, or a classifier whose
+      `apply_fn` does not return logits `[B, C]` (`pfc_jax.classifier.check_classifier`).
   """
-  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(images, key, config, vgg_params)
+  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
+      classifier, images, key, config, vgg_params)
   result = perturb(classifier, images, coalitions.labels, perturb_keys, config.perturb)
   return Explanation(saliency=result.saliency, labels=coalitions.labels,
                      num_coalitions=coalitions.num, target=result.target, probs=result.probs,
@@ -200,7 +203,8 @@ def explain_sweep(classifier: Classifier, images, key, config: ExplainConfig,
   Raises:
     ValueError: for malformed inputs, config or settings.
   """
-  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(images, key, config, vgg_params)
+  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
+      classifier, images, key, config, vgg_params)
   result = perturb_sweep(classifier, images, coalitions.labels, perturb_keys, config.perturb,
                          settings)
   return Explanation(saliency=result.saliency, labels=coalitions.labels,

@@ -5,7 +5,8 @@ Atomic writes: a reader never sees half a file, an interrupted or killed job nev
 
 A batch job's output folder (`pfc_jax.batch`) holds:
 
-- `manifest.json`: the settings that determine the results (see `pfc_jax.batch.build_manifest`).
+- `manifest.json`: the settings that determine the results and, under `"items"`, what the
+  inputs are (`identity()` of `pfc_jax.sources`; see `pfc_jax.batch.build_manifest`).
 - `failures.jsonl`: one `{"id", "reason"}` object per line, per item that could not be read,
   in data-set order.
 - `job.lock`: present while a job runs (and after a killed one, until the next run takes it

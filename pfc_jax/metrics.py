@@ -366,7 +366,10 @@ def _multigrid(removed: jax.Array, channels: int) -> Callable[[jax.Array], jax.A
     coarse_removed = blocks.min(axis=(1, 3))
     coarse_shape = (*coarse_removed.shape[:2], channels)
     prolong = lambda e: removed * _upsample2(_upsample2(e, 0), 1)[:height, :width]
-    (restrict,) = (lambda r: jax.linear_transpose(prolong, jnp.zeros(coarse_shape))(r)[0],)
+    # The transpose's example fixes the dtype of its cotangents: the grid's own (float32 also
+    # under `jax_enable_x64`, where a bare `jnp.zeros` would be float64).
+    zeros = jnp.zeros(coarse_shape, removed.dtype)
+    (restrict,) = (lambda r: jax.linear_transpose(prolong, zeros)(r)[0],)
     coarse = (_multigrid(coarse_removed, channels), prolong, restrict)
   sweeps = _SMOOTHING_SWEEPS if coarse else _COARSEST_SWEEPS
 
@@ -382,7 +385,7 @@ def _multigrid(removed: jax.Array, channels: int) -> Callable[[jax.Array], jax.A
 
 
 def _impute(image: jax.Array, kept: jax.Array, tolerance: float) -> jax.Array:
-  removed = 1.0 - kept.astype(jnp.float32)
+  removed = 1.0 - kept.astype(image.dtype)
   apply, _ = _masked_laplacian(removed)
   rhs = removed * _neighbour_sum(image * (1.0 - removed))
   solution, _ = jax.scipy.sparse.linalg.cg(
@@ -438,7 +441,8 @@ def _road_chunk(static: tuple[tuple[int, ...], float, int], chunk: jax.Array,
   removed = jnp.where(lerf, ranks[:, None] >= height * width - removing, ranks[:, None] < removing)
   imputed = jax.vmap(jax.vmap(linear_imputation, in_axes=(None, 0)))(images, removed)
   point_keys = jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(k, p))(points))(keys)
-  noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (height, width, 3))))(point_keys)
+  noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (height, width, 3), jnp.float32)))(
+      point_keys)  # float32 draws: the same noise under `jax_enable_x64`.
   # Noise of `noise_std` in the classifier's normalised input, as the reference code adds it.
   noise = noise * noise_std * _rgb(classifier.std, classifier)
   imputed = imputed + removed[..., None] * noise
@@ -619,7 +623,7 @@ def layer_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
 
   Args:
     apply_fn: `apply_fn(params, x) -> logits`, e.g. `Classifier.apply_fn`.
-    params: Its parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
+    params: Its parameter pytree (arrays or `jax.ShapeDtypeStruct` values).
     example: An input of the right shape (array or `jax.ShapeDtypeStruct`), e.g. normalised
       images `[1, H, W, 3]`.
 
@@ -676,7 +680,8 @@ def randomize_layers(params, key: jax.Array, layers: int | Sequence[str] = 1, *,
     if not any(chosen):
       raise ValueError(f"`layers` {sorted(names)} match no parameter; paths are e.g. {paths[-1]}.")
   sizes = [int(np.size(leaf)) if pick else 0 for (_, leaf), pick in zip(leaves_with_paths, chosen)]
-  noise = jnp.split(jax.random.normal(key, (sum(sizes),)), np.cumsum(sizes)[:-1])
+  # float32 draws: the same parameters under `jax_enable_x64`.
+  noise = jnp.split(jax.random.normal(key, (sum(sizes),), jnp.float32), np.cumsum(sizes)[:-1])
   leaves = [
       (draw.reshape(jnp.shape(leaf)) * jnp.std(leaf)).astype(jnp.result_type(leaf)) if pick else leaf
       for draw, (_, leaf), pick in zip(noise, leaves_with_paths, chosen)]
@@ -715,7 +720,9 @@ def spearman(first: jax.Array, second: jax.Array) -> jax.Array:
     return jnp.where(norm > 0, (ra * rb).sum() / jnp.where(norm > 0, norm, 1.0),
                      both_constant.astype(jnp.float32))
 
-  return jax.vmap(correlation)(first.astype(jnp.float32), second.astype(jnp.float32))
+  # rankdata's ranks are float64 under `jax_enable_x64`; the correlation is float32 either way.
+  return jax.vmap(correlation)(first.astype(jnp.float32), second.astype(jnp.float32)).astype(
+      jnp.float32)
 
 
 def model_randomization(method_fn: Callable, classifier: Classifier, images: jax.Array,

@@ -52,7 +52,7 @@ from pfc_jax import _loop
 from pfc_jax import _precision
 from pfc_jax import regions as regions_lib
 from pfc_jax.baselines._common import min_max_normalize
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 
 Consistency = Literal["published", "coalition", "off"]
 _CONSISTENCIES = ("published", "coalition", "off")
@@ -433,19 +433,19 @@ def objective(w: jax.Array, x: jax.Array, noise: jax.Array, labels: jax.Array, t
   """PFC's perturbation loss for one image (METHOD.md section 2).
 
   Terms, unweighted:
-    mask: -mean(w) (the paper's -||p||_1, as a mean).
-    confidence: "hinge": mean over samples s and classes j of
+    - mask: -mean(w) (the paper's `-||p||_1`, as a mean).
+    - confidence: "hinge": mean over samples s and classes j of
       relu(f_j(x + eps_s w) - f_t(x + eps_s w)), on logits (zero for j = t). "log_softmax":
       mean over samples of -log softmax(f(x + eps_s w))_t.
-    consistency: "published": -sum_i mean_hw |G * (sum_c w C_i)|, G the unnormalised
+    - consistency: "published": `-sum_i mean_hw |G * (sum_c w C_i)|`, G the unnormalised
       `kernel_size` Gaussian with zero padding. Because w >= 0, G >= 0 and the coalitions
       C_i partition the image, it equals -mean(G * sum_c w): it does NOT depend on the
       coalitions, and acts as a second reward on noise size. "coalition":
       sum_i mean(C_i (w - m_i)^2) with m_i = G * (w C_i) / (G * C_i + eps), the
       Gaussian-weighted mean of w inside coalition i; it penalises variation of w within a
       coalition and none across borders. "off": 0.
-    smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
-    deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
+    - smoothness: sum_i mean((Laplacian(w) C_i)^2), which also reduces to mean(Laplacian(w)^2).
+    - deletion: mean over samples of softmax(f(x + eps_s (max_w - w)))_t, the target's
       probability when the noise falls where w is small: the deletion game of Fong and Vedaldi
       (ICCV 2017), played on the same w as the preservation game (the "dual" objective of
       Extremal Perturbations, Fong, Patrick and Vedaldi, ICCV 2019). The preservation terms
@@ -773,11 +773,23 @@ def _check_labels(labels, images_shape, max_coalitions: int) -> jax.Array:
   return jnp.asarray(labels, jnp.int32)
 
 
+def static_part(config: PerturbConfig) -> PerturbConfig:
+  """The part of `config` that the compiled programs depend on: `config` with every
+  `SWEEPABLE` value replaced by a placeholder, since those reach the programs as traced
+  `Hyperparameters` (a loss weight keeps only whether it is 0, which decides whether its term
+  exists), and with the layout and driver, which choose programs rather than enter them, at
+  "auto" (and no `compute_batch`). Configs that differ only in those values share one
+  compilation."""
+  placeholders = {name: float(bool(getattr(config, name))) if name.endswith("_weight") else 1.0
+                  for name in SWEEPABLE}
+  return dataclasses.replace(config, batching="auto", driver="auto", compute_batch=None,
+                             **placeholders)
+
+
 def _games(config: PerturbConfig) -> tuple[PerturbConfig, ...]:
-  """The games `config` plays, as static settings (layout fields neutralised: they do not
-  change a step): its own objective, then with `with_preservation_game` the preservation game
-  (no deletion term)."""
-  config = dataclasses.replace(config, batching="auto", driver="auto", compute_batch=None)
+  """The games `config` plays, as static settings (`static_part`): its own objective, then with
+  `with_preservation_game` the preservation game (no deletion term)."""
+  config = static_part(config)
   if not config.with_preservation_game:
     return (config,)
   return config, dataclasses.replace(config, deletion_weight=0.0, with_preservation_game=False)
@@ -870,8 +882,7 @@ def _run_dense(classifier, images, labels, keys, config, hyper) -> Perturbation:
 def _run_game(classifier, images, labels, keys, config, hyper) -> Perturbation:
   """Optimises every image of the batch in `config.batching`'s layout; `hyper` holds `[B]`
   arrays."""
-  static = dataclasses.replace(  # One compilation for every layout setting.
-      config, batching="auto", driver="auto", compute_batch=None)
+  static = static_part(config)  # One compilation for every layout, driver and traced value.
   (w, saliency, target, probs), losses = _loop.run_images(
       _STAGE, static, classifier, (images, labels, keys, hyper), config.steps,
       batching=config.batching, driver=config.driver, accelerator=_ACCELERATOR_LAYOUT)
@@ -897,9 +908,8 @@ def _run(classifier, images, labels, keys, config, hyper) -> Perturbation:
 def _check_common(classifier, images, labels, key, config):
   if not isinstance(config, PerturbConfig):
     raise ValueError(f"`config` must be a PerturbConfig, got {type(config).__name__}.")
-  if not isinstance(classifier, Classifier):
-    raise ValueError(f"`classifier` must be a pfc_jax.Classifier, got {type(classifier).__name__}.")
   images = _inputs.check_images(images)
+  check_classifier(classifier, images)
   labels = _check_labels(labels, images.shape, config.max_coalitions)
   return images, labels, _inputs.per_image_keys(key, images.shape[0])
 
@@ -925,7 +935,8 @@ def perturb(classifier: Classifier, images, labels, key,
     A `Perturbation` with w, saliency, target, probs and the per-step losses.
 
   Raises:
-    ValueError: for malformed images, labels, key or config.
+    ValueError: for malformed images, labels, key or config, or a classifier whose `apply_fn`
+      does not return logits `[B, C]` (`pfc_jax.classifier.check_classifier`).
 
   Example:
     >>> result = perturb(classifier, images, coalitions.labels, jax.random.key(0))

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pfc_jax import io
+from pfc_jax._inputs import check_image
 
 # 20 distinct colours (matplotlib's tab20); label i gets colour i modulo 20.
 PALETTE = np.round(np.asarray(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
@@ -57,13 +58,6 @@ def _check_map(values, name: str, shape: tuple[int, int] | None = None) -> np.nd
   if shape is not None and values.shape != shape:
     raise ValueError(f"`{name}` must have the image's shape {shape}, got {values.shape}.")
   return values
-
-
-def _check_image(image01) -> np.ndarray:
-  image01 = np.asarray(image01, np.float32)
-  if image01.ndim != 3 or image01.shape[-1] != 3:
-    raise ValueError(f"`image01` must have shape [H, W, 3], got {image01.shape}.")
-  return image01
 
 
 def _to_uint8(image01: np.ndarray) -> np.ndarray:
@@ -108,8 +102,13 @@ def overlay(image01, saliency, alpha: float = 0.5, cmap: str = SALIENCY_CMAP) ->
 
   Returns:
     `[H, W, 3] uint8` RGB.
+
+  Raises:
+    ValueError: for an image that is not float RGB `[H, W, 3]` in [0, 1] (as every function
+      taking images checks: a 0-255 or uint8 image would otherwise draw white), a saliency map
+      of another size, or `alpha` outside [0, 1].
   """
-  image01 = _check_image(image01)
+  image01 = check_image(image01)
   saliency = _check_map(saliency, "saliency", image01.shape[:2])
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
@@ -185,8 +184,12 @@ def panel(image01, labels, saliency, title: str = "", min_side: int = PANEL_MIN_
   Returns:
     `[24 + 20 + f H, 3 f W + 8 + 8 + 14 + L, 3] uint8` RGB on a white background, L the width
     of the colour bar's labels.
+
+  Raises:
+    ValueError: for an image that is not float RGB `[H, W, 3]` in [0, 1], or maps of another
+      size.
   """
-  image01 = _check_image(image01)
+  image01 = check_image(image01)
   labels = _check_map(labels, "labels", image01.shape[:2])
   saliency = _check_map(saliency, "saliency", image01.shape[:2])
   factor = max(1, -(-min_side // min(image01.shape[:2])))

@@ -9,7 +9,7 @@ explained as `pfc_jax.explain_sweep` would, by one `perturb_sweep` call per batc
 coalitions: one compilation, K x B problems in one vmapped batch. `--num-channels 5,10,20` adds an outer loop over the coalition network's output
 channels l (the paper's open question 1; a structural setting, so one compilation per value).
 Photos: `--images DIR --labels CSV [--offset N --limit M]` instead of the shapes benchmark, e.g.
-the tuning runs of the README (rows 0-15):
+the tuning runs of docs/faithfulness.md (rows 0-15):
 
   python scripts/sweep.py --model squeezenet1_1 --weights ../shared/evaldata/squeezenet1_1.safetensors \
       --images ../shared/evaldata/imagenet-sample --labels ../shared/evaldata/imagenet-sample/labels.csv \

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pfc_jax
 from batch_job_main import run_batch_command
 from pfc_jax import batch, io, models, sources, weights
 from pfc_jax.explain import ExplainConfig
@@ -58,6 +59,20 @@ def test_corrupt_image_is_recorded_and_job_completes(tmp_path, capsys):
   assert "6 items, 6 done before; 0 explained now" in capsys.readouterr().out
 
 
+def test_warnings_are_lines_of_their_own_under_the_progress_bar(tmp_path, capsys):
+  _write_images(tmp_path / "in", 2)
+  cutout = np.zeros((20, 18, 4), np.uint8)
+  cutout[5:15, 5:15] = (30, 200, 30, 255)  # An opaque square on a transparent field.
+  Image.fromarray(cutout).save(tmp_path / "in" / "cutout.png")
+  args = [arg for arg in _ARGS if arg != "--no-progress"]
+  assert run_batch_command(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                            *args]) == 0
+  lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+  assert any(line.startswith("pfc-jax batch: warning: Image '") and
+             line.endswith("cutout.png' has transparent pixels; they are composited onto white.")
+             for line in lines)
+
+
 def test_exit_code_says_whether_every_item_failed(tmp_path, capsys):
   (tmp_path / "in").mkdir()
   for name in ("a.png", "b.jpg", "c.png"):  # Three, as the chunk size: one compiled shape.
@@ -96,6 +111,111 @@ def test_changed_settings_are_refused_naming_the_setting(tmp_path, capsys):
     changed = json.loads(json.dumps(manifest))
     changed["config"]["perturb"]["steps"] += 1
     batch.check_manifest(tmp_path / "out", changed)
+
+
+def _save_png(path: Path, seed: int) -> None:
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(path)
+
+
+def _folder_state(out: Path) -> dict[str, int]:
+  return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("change, named", [
+    ("replace b's pixels", "changed b.png ('"),
+    ("rename c to d", "removed c.png; added d.png"),
+    ("delete a, add 0", "removed a.png; added 0.png"),
+])
+def test_resume_with_changed_inputs_is_refused_naming_the_items(tmp_path, capsys, change, named):
+  """The reported cases: each rerun said "3 items, 3 done before; 0 explained now" and kept the
+  old results."""
+  folder, out = tmp_path / "in", tmp_path / "out"
+  folder.mkdir()
+  for seed, name in enumerate("abc"):
+    _save_png(folder / f"{name}.png", seed)
+  command = ["--images", str(folder), "--out", str(out), *_ARGS]
+  assert run_batch_command(command) == 0
+  if change == "replace b's pixels":
+    _save_png(folder / "b.png", 10)
+  elif change == "rename c to d":
+    (folder / "c.png").rename(folder / "d.png")
+  else:
+    (folder / "a.png").unlink()
+    _save_png(folder / "0.png", 11)
+  capsys.readouterr()
+  saved = _folder_state(out)
+  assert run_batch_command(command) == 2
+  message = capsys.readouterr().err
+  assert "holds a job with other inputs" in message and named in message
+  assert "Use another output folder" in message and "Differences" not in message
+  assert _folder_state(out) == saved  # Nothing removed or rewritten.
+
+
+def test_unchanged_inputs_resume_and_their_identity_is_name_size_and_mtime(tmp_path, capsys):
+  ids = _write_images(tmp_path / "in", 2)
+  command = ["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *_ARGS]
+  assert run_batch_command(command) == 0
+  items = json.loads((tmp_path / "out" / io.MANIFEST_NAME).read_text())["items"]
+  stats = {f"{i}.png": (tmp_path / "in" / f"{i}.png").stat() for i in ids}
+  assert items == {name: f"{st.st_size} bytes, mtime_ns {st.st_mtime_ns}" for name, st in stats.items()}
+  os.utime(tmp_path / "in" / "img01.png", ns=(stats["img01.png"].st_atime_ns, 1))
+  assert run_batch_command(command) == 2  # Same bytes, other mtime: refused as changed.
+  assert "changed img01.png" in capsys.readouterr().err
+
+
+def test_manifest_without_identities_resumes_with_a_warning_and_records_them(tmp_path, capsys):
+  ids = _write_images(tmp_path / "in", 2)
+  out = tmp_path / "out"
+  command = ["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]
+  assert run_batch_command(command) == 0
+  manifest = json.loads((out / io.MANIFEST_NAME).read_text())
+  old = {key: value for key, value in manifest.items() if key not in ("items", "pfc_jax")}
+  io.write_json(out / io.MANIFEST_NAME, {**old, "format": 2})  # As pfc-jax wrote it before.
+  capsys.readouterr()
+  assert run_batch_command(command) == 0
+  captured = capsys.readouterr()
+  assert "did not record what the inputs are" in captured.err and "2 saved items are kept" in captured.err
+  assert "2 items, 2 done before; 0 explained now" in captured.out
+  assert json.loads((out / io.MANIFEST_NAME).read_text()) == {
+      **old, "format": 2, "pfc_jax": pfc_jax.__version__, "items": manifest["items"]}
+  _save_png(tmp_path / "in" / f"{ids[0]}.png", 20)
+  assert run_batch_command(command) == 2  # Checked from now on.
+  assert f"changed {ids[0]}.png" in capsys.readouterr().err
+
+
+def test_tfds_resume_checks_the_version_and_the_saved_ids(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  classifier = models.classifier("shapes_cnn", weights.load("shapes_cnn"))
+  config, out = ExplainConfig.preset("tiny"), tmp_path / "out"
+  with tfds.testing.mock_data(num_examples=3, data_dir=str(tmp_path / "data")):
+    source = sources.TfdsSource("mnist", "test", data_dir=tmp_path / "data", size=16)
+    run = lambda: batch.run_job(source, classifier, out, config=config, chunk_size=3, progress=False)
+    assert run() == batch.JobSummary(3, 0, 3, 0, 0)
+    manifest = json.loads((out / io.MANIFEST_NAME).read_text())
+    assert manifest["items"]["version"] == str(tfds.builder("mnist").info.version)
+    assert run() == batch.JobSummary(3, 3, 0, 0, 0)
+
+    io.write_json(out / io.MANIFEST_NAME, {**manifest, "items": {"version": "0.0.1"}})
+    with pytest.raises(ValueError, match=r"other inputs.*changed version \('0.0.1' there, '"):
+      run()
+    io.write_json(out / io.MANIFEST_NAME, manifest)
+    path = out / "results-00000000-00000002.npz"
+    arrays = io.load_results_file(path)
+    io.write_npz(path, **{**arrays, "ids": np.array(["test:0", "test:9", "test:2"])})
+    with pytest.raises(ValueError, match="item 1 is 'test:1' now but 'test:9' in results-00000000"):
+      run()
+
+
+def test_resume_by_another_pfc_jax_version_is_refused(tmp_path, capsys):
+  _write_images(tmp_path / "in", 1)
+  out = tmp_path / "out"
+  command = ["--images", str(tmp_path / "in"), "--out", str(out), *_ARGS]
+  assert run_batch_command(command) == 0
+  manifest = json.loads((out / io.MANIFEST_NAME).read_text())
+  assert manifest["pfc_jax"] == pfc_jax.__version__
+  io.write_json(out / io.MANIFEST_NAME, {**manifest, "pfc_jax": "0.0.9"})
+  assert run_batch_command(command) == 2
+  assert f"pfc_jax: '0.0.9' there, '{pfc_jax.__version__}' now" in capsys.readouterr().err
 
 
 def test_read_results_needs_a_manifest(tmp_path):

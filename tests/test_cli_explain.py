@@ -121,11 +121,15 @@ def test_tiny_and_transparent_images_are_explained_with_warnings(tmp_path, capsy
   Image.fromarray(cutout).save(tmp_path / "cutout.png")
   out = tmp_path / "out"
   code = cli.main(["explain", str(tmp_path / "dot.png"), str(tmp_path / "cutout.png"), "--model",
-                   "shapes_cnn", "--preset", "tiny", "--out", str(out), "--no-progress"])
+                   "shapes_cnn", "--preset", "tiny", "--out", str(out)])
   assert code == 0
-  err = capsys.readouterr().err
-  assert "warning: Image '" in err and "dot.png' is only 1x1 pixels, far below the 64-pixel" in err
-  assert "cutout.png' has transparent pixels; they are composited onto white" in err
+  # With the progress bar shown, each warning is a line of its own, not written after the bar.
+  lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+  assert any(line.startswith("pfc-jax explain: warning: Image '") and
+             line.endswith("dot.png' is only 1x1 pixels, far below the 64-pixel input: it is "
+                           "upsampled 73x.") for line in lines)
+  assert any(line.startswith("pfc-jax explain: warning: Image '") and line.endswith(
+      "cutout.png' has transparent pixels; they are composited onto white.") for line in lines)
   dot, cut = json.loads((out / "summary.json").read_text())["images"]
   assert len(dot["warnings"]) == 1 and "1x1 pixels" in dot["warnings"][0]
   assert len(cut["warnings"]) == 1 and "transparent" in cut["warnings"][0]

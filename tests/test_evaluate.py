@@ -53,19 +53,23 @@ def test_report_holds_the_metrics_of_each_method():
 
 
 def test_results_do_not_depend_on_batch_size_or_slice():
+  """Every score, ROAD's noisy imputation included, of a random baseline."""
   classifier = colour_classifier()
   images, _ = colour_images(3)
-  config = evaluation.EvaluationConfig(methods=("rise",), preset="tiny", batch_size=2, curve_steps=8)
+  config = evaluation.EvaluationConfig(methods=("rise",), preset="tiny", batch_size=2, curve_steps=8,
+                                       protocols=("drop", "curves", "road"))
   whole = evaluation.evaluate(classifier, images, config, progress=False)  # Pads the last batch.
   singles = evaluation.evaluate(
       classifier, images, dataclasses.replace(config, batch_size=1), progress=False)
   tail = evaluation.evaluate(classifier, images[1:], config, first_index=1, progress=False)
   head = evaluation.evaluate(classifier, images[:1], config, progress=False)
-  for key in ("average_drop", "insertion_auc"):
-    np.testing.assert_allclose(whole["methods"]["rise"][key], singles["methods"]["rise"][key], rtol=1e-5)
-    np.testing.assert_allclose(
-        whole["methods"]["rise"][key],
-        (head["methods"]["rise"][key] + 2 * tail["methods"]["rise"][key]) / 3, rtol=1e-5)
+  keys = [key for key in whole["methods"]["rise"] if key != "seconds_per_image"]
+  assert set(keys) == {key for protocol in config.protocols for key in evaluation.PROTOCOLS[protocol]}
+  for key in keys:
+    values = [np.asarray(report["methods"]["rise"][key]) for report in (whole, singles, head, tail)]
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(values[0], (values[2] + 2 * values[3]) / 3, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
 
 
 def test_markdown_table_has_one_row_per_method():
@@ -489,3 +493,34 @@ def test_paired_difference_reads_sweep_records_across_objectives(tmp_path):
   write("c.jsonl", {}, "max_w=5", 0.0, range(6), model="other")
   with pytest.raises(SystemExit, match="model"):
     module.paired_scores(str(tmp_path / "a.jsonl"), "max_w=5", "max_w=5", str(tmp_path / "c.jsonl"))
+
+
+def test_no_coalitions_ablation_perturbs_one_coalition_with_explains_keys():
+  """`pfc-no_coalitions` is `perturb` on all-zero labels with the keys `explain` uses; it differs
+  from `pfc` only through the coalitions, and its fingerprint differs from `pfc`'s."""
+  from pfc_jax.explain import stage_keys
+  from pfc_jax.perturbation import perturb
+  kind, config = evaluation.method_spec("pfc-no_coalitions-guided", "tiny")
+  assert kind == "pfc_no_coalitions"
+  assert config == evaluation.method_spec("pfc-guided", "tiny")[1]
+  assert (evaluation.method_settings_id("pfc-no_coalitions-guided", "tiny")
+          != evaluation.method_settings_id("pfc-guided", "tiny"))
+  with pytest.raises(ValueError, match="no_coalitions given twice"):
+    evaluation.method_spec("pfc-no_coalitions-no_coalitions", "tiny")
+  classifier = colour_classifier()
+  images, _ = colour_images(2)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(np.arange(2))
+  target = np.zeros(2, np.int32)
+  ablated = evaluation.method_function("pfc-no_coalitions-guided", "tiny")(
+      classifier, images, target, keys)
+  expected = perturb(classifier, images, np.zeros(images.shape[:3], np.int32),
+                     stage_keys(keys)[1], config.perturb).saliency
+  np.testing.assert_array_equal(np.asarray(ablated), np.asarray(expected))
+  # Long enough for w to take shape (tiny's 3 steps leave it flat): the coalitions then matter.
+  longer = dataclasses.replace(config, perturb=dataclasses.replace(
+      config.perturb, steps=30, learning_rate=0.5, lowres_stride=2))
+  ablated = evaluation._pfc_saliency_without_coalitions(classifier, images, target, keys,
+                                                        config=longer)
+  with_coalitions = evaluation._pfc_saliency(classifier, images, target, keys, config=longer,
+                                             vgg_params=None)
+  assert np.abs(np.asarray(ablated) - np.asarray(with_coalitions)).max() > 1e-3

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compilations import count_compilations
 from pfc_jax import Classifier
 from pfc_jax.coalitions import CoalitionConfig
 from pfc_jax.explain import ExplainConfig, explain, explain_sweep
-from pfc_jax.perturbation import PerturbConfig
+from pfc_jax.perturbation import SWEEPABLE, PerturbConfig
 
 SIZE = 32
 
@@ -100,6 +101,21 @@ def test_explain_tiny_end_to_end():
     np.testing.assert_array_equal(a, b)
   other = explain(classifier, images, jax.random.key(1), config)
   assert not np.array_equal(other.labels, result.labels)
+
+
+def test_explain_with_new_sweepable_values_compiles_nothing():
+  classifier, images = _classifier(), _images()
+  config = ExplainConfig.preset("tiny")
+  first = explain(classifier, images, jax.random.key(0), config)
+  for name in SWEEPABLE:
+    changed = dataclasses.replace(config, perturb=dataclasses.replace(
+        config.perturb, **{name: 0.2 * getattr(config.perturb, name)}))
+    with count_compilations() as compiled:
+      result = jax.block_until_ready(explain(classifier, images, jax.random.key(0), changed))
+    assert not compiled, name
+    np.testing.assert_array_equal(result.labels, first.labels)
+    if name in ("learning_rate", "max_w"):  # The others' terms hardly act in 3 "tiny" steps.
+      assert not np.array_equal(result.w, first.w), name
 
 
 def test_explain_rejects_bad_arguments():

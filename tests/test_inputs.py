@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax._inputs import check_images, per_image_keys
+from pfc_jax import ExplainConfig, baselines, evaluation, explain, extract_coalitions, metrics, perturb, viz
+from pfc_jax._inputs import check_image, check_images, per_image_keys
+from pfc_jax.coalitions import CoalitionConfig
+from test_baselines import colour_classifier, colour_images
 
 
 @pytest.mark.parametrize("images, message", [
@@ -26,6 +29,44 @@ def test_check_images_accepts_and_skips_value_checks_under_jit():
   assert check_images(ok).dtype == jnp.float32
   # Under jit values are unknown: only static checks apply.
   jax.jit(check_images)(jnp.full((1, 8, 8, 3), 2.0))
+
+
+def test_check_image_is_the_same_check_for_one_image():
+  with pytest.raises(ValueError, match=r"`image01` must have shape \[H, W, 3\]"):
+    check_image(np.zeros((1, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match=r"`image01` must lie in \[0, 1\].*divide 0-255"):
+    check_image(np.full((2, 2, 3), 255.0))
+  assert check_image(np.zeros((2, 2, 3))).dtype == np.float32
+
+
+def _image_functions():
+  """Every public function that takes images, called on `images` `[2, 16, 16, 3]`."""
+  classifier = colour_classifier()
+  target, saliency, key = np.zeros(2, np.int32), np.ones((2, 16, 16), np.float32), jax.random.key(0)
+  calls = {
+      "viz.overlay": lambda x: viz.overlay(x[0], saliency[0]),
+      "viz.panel": lambda x: viz.panel(x[0], np.zeros((16, 16), np.int32), saliency[0]),
+      "explain": lambda x: explain(classifier, x, key, ExplainConfig.preset("tiny")),
+      "perturb": lambda x: perturb(classifier, x, np.zeros((2, 16, 16), np.int32), key),
+      "extract_coalitions": lambda x: extract_coalitions(x, key, CoalitionConfig.tiny()),
+      "evaluate": lambda x: evaluation.evaluate(classifier, x, progress=False),
+      "model_randomization": lambda x: metrics.model_randomization(
+          baselines.gradcam, classifier, x, target, key),
+  }
+  calls.update({f"baselines.{name}": (lambda x, method=method: method(classifier, x, target, key))
+                for name, method in baselines.METHODS.items()})
+  for name in ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road"):
+    calls[f"metrics.{name}"] = lambda x, fn=getattr(metrics, name): fn(classifier, x, saliency, target)
+  return calls
+
+
+@pytest.mark.parametrize("name", sorted(_image_functions()))
+@pytest.mark.parametrize("scale, dtype", [(255, np.float32), (255, np.uint8)])
+def test_every_function_taking_images_refuses_0_255_images(name, scale, dtype):
+  """The reported case: `viz.overlay(image * 255, saliency)` drew a white picture."""
+  images = (colour_images()[0] * scale).astype(dtype)
+  with pytest.raises(ValueError, match=r"`image(s|01)` must (lie in \[0, 1\]|be floating point)"):
+    _image_functions()[name](images)
 
 
 @pytest.mark.parametrize("make_key", [jax.random.PRNGKey, jax.random.key])

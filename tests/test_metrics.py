@@ -436,6 +436,30 @@ def test_road_ranks_an_informative_map_above_its_inverse():
   assert np.all(good.lerf.mean(axis=1) > bad.lerf.mean(axis=1) + 0.2)
 
 
+_PASSES = {
+    "deletion_auc": lambda c, i, s, t, n: metrics.deletion_auc(c, i, s, t, num_steps=9,
+                                                               steps_per_pass=n),
+    "insertion_auc": lambda c, i, s, t, n: metrics.insertion_auc(c, i, s, t, num_steps=9,
+                                                                 steps_per_pass=n),
+    "road": lambda c, i, s, t, n: metrics.road(c, i, s, t, jax.random.key(1),
+                                               fractions=(0.1, 0.4, 0.7), steps_per_pass=n),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PASSES))
+def test_steps_per_pass_does_not_change_scores(name):
+  """`steps_per_pass` is memory only: the same scores, to float32 rounding (another batch size
+  of the forward pass may round differently), for one point per pass, a partial last pass, and
+  every point in one pass. ROAD's noise of point p comes from `fold_in(key_i, p)`."""
+  classifier = _linear_classifier()
+  images, saliency, target = _inputs()
+  scores = [jax.tree.leaves(_PASSES[name](classifier, images, saliency, target, n))
+            for n in (1, 4, 40)]
+  for other in scores[1:]:
+    for got, want in zip(other, scores[0]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_rise_steps():
   assert metrics.rise_steps(224, 224) == 224
   assert metrics.rise_steps(64, 64) == 19  # ceil(4096 / 224)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from jax import test_util
 
+from compilations import count_compilations
 from pfc_jax import Classifier
-from pfc_jax.perturbation import PerturbConfig, gaussian_kernel, objective, perturb
+from pfc_jax.perturbation import (SWEEPABLE, PerturbConfig, gaussian_kernel, objective, perturb,
+                                  static_part)
 
 SIZE = 16
 
@@ -440,6 +442,28 @@ def test_does_not_recompile_for_new_images_or_params():
     if seed == 0:
       first = len(traces)
   assert first > 0 and len(traces) == first
+
+
+def test_new_values_of_every_sweepable_field_compile_nothing():
+  """The `Hyperparameters` reach the compiled programs traced: a new value of any of them reuses
+  the compilation (`static_part`), and still takes effect."""
+  images, labels = _batch()
+  base = dataclasses.replace(CONFIG, smoothness_weight=0.5, deletion_weight=1.0,
+                             with_preservation_game=True)  # Every term, both games.
+  first = perturb(_tiny_classifier(), images, labels, jax.random.key(1), base)
+  for name in SWEEPABLE:
+    value = 0.5 if name == "max_w" else 0.3 * getattr(base, name) + 0.05
+    changed = dataclasses.replace(base, **{name: value})
+    with count_compilations() as compiled:
+      result = jax.block_until_ready(
+          perturb(_tiny_classifier(), images, labels, jax.random.key(1), changed))
+    assert not compiled, name
+    assert static_part(changed) == static_part(base)
+    assert not np.allclose(result.losses, first.losses), name
+    if name == "max_w":
+      assert float(result.w.max()) <= changed.max_w + 1e-6 < float(first.w.max())
+  # A weight that becomes 0 drops its term: another program, as documented.
+  assert static_part(dataclasses.replace(base, smoothness_weight=0.0)) != static_part(base)
 
 
 def test_rejects_bad_arguments():

@@ -173,3 +173,26 @@ def test_tfrecord_build_without_tensorflow_names_both_ways_out(tmp_path, monkeyp
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails.
   with pytest.raises(ValueError, match="imagenet2012.*tensorflow-cpu.*tfds convert_format"):
     sources.TfdsSource("imagenet2012", "validation", data_dir=tmp_path, size=8)
+
+
+def test_identity_changes_name_changed_removed_and_added_items():
+  stored = {f"{i:02d}.png": "1 bytes" for i in range(14)}
+  current = {**{name: value for name, value in stored.items() if name != "03.png"},
+             "00.png": "2 bytes", "x.png": "1 bytes"}
+  assert sources.identity_changes(stored, current) == [
+      "changed 00.png ('1 bytes' there, '2 bytes' now)", "removed 03.png", "added x.png"]
+  assert sources.identity_changes(stored, {}, limit=3)[-1] == "11 more removed"
+  assert sources.identity_changes(stored, dict(stored)) == []
+
+
+def test_folder_identity_is_relative_name_size_and_mtime(tmp_path):
+  for folder in ("x", "y"):
+    (tmp_path / folder).mkdir()
+    _write_image(tmp_path / folder / "cat.png", 0)
+  source = sources.ImageFolderSource(str(tmp_path / "*" / "*.png"), size=16)
+  stat = (tmp_path / "y" / "cat.png").stat()
+  assert source.identity() == {
+      "x/cat.png": f"{(tmp_path / 'x' / 'cat.png').stat().st_size} bytes, mtime_ns "
+                   f"{(tmp_path / 'x' / 'cat.png').stat().st_mtime_ns}",
+      "y/cat.png": f"{stat.st_size} bytes, mtime_ns {stat.st_mtime_ns}"}
+  assert [source.item_id(i) for i in range(2)] == source.ids

@@ -9,13 +9,14 @@ would run convolutions inside `lax.scan`, measured 16-28x slower on XLA:CPU (see
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfc_jax.classifier import Classifier
+from pfc_jax.classifier import Classifier, check_classifier
 
 
 def target_probabilities(classifier: Classifier, images01: jax.Array, target: jax.Array) -> jax.Array:
@@ -101,47 +102,32 @@ def sum_over_chunks(chunk_fn: Callable, static: Any, count: int, *args: Any) -> 
   return total
 
 
-@functools.lru_cache(maxsize=64)
-def _num_classes(structure: Any, leaf_specs: tuple[jax.ShapeDtypeStruct, ...], height: int,
-                 width: int) -> int:
-  abstract = jax.tree.unflatten(structure, leaf_specs)
-  logits = jax.eval_shape(lambda c, x: c.logits(x), abstract,
-                          jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32))
-  return int(logits.shape[-1])
-
-
-def num_classes(classifier: Classifier, height: int, width: int) -> int:
-  """Number of classes C of `classifier`'s logits `[B, C]` on `height x width` images.
-
-  Found by `jax.eval_shape` of one image (no computation), cached per classifier structure,
-  parameter shapes and image size.
-  """
-  leaves, structure = jax.tree.flatten(classifier)
-  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
-  return _num_classes(structure, specs, height, width)
-
-
 def check_target(target: Any, classifier: Classifier, images: jax.Array) -> jax.Array:
-  """Validates `target` as one class index in [0, C) per image and returns it as `[B] int32`.
+  """Checks the classifier contract (`classifier.check_classifier`), then validates `target` as
+  one class index in [0, C) per image and returns it as `[B] int32`.
 
   Args:
     target: `[B]` integer class indices.
     classifier: The classifier; C is the length of its logits.
     images: `[B, H, W, 3]` images the targets belong to.
 
-  Value checks run only on concrete arrays; under `jax.jit` only shape and dtype are checked.
+  Value checks run only on concrete arrays; under `jax.jit` only shapes and dtypes are checked.
 
   Raises:
-    ValueError: if `target` is not integer, not of shape `[B]`, or outside [0, C).
+    ValueError: if the classifier breaks its contract, or `target` is not integer, not of shape
+      `[B]`, or outside [0, C).
+
+  Warns:
+    UserWarning: the classifier's outputs look like probabilities (`check_classifier`).
   """
-  batch_size, height, width = images.shape[:3]
+  count = check_classifier(classifier, images)
+  batch_size = images.shape[0]
   target = target if isinstance(target, jax.core.Tracer) else np.asarray(target)
   if target.shape != (batch_size,) or not jnp.issubdtype(target.dtype, jnp.integer):
     raise ValueError(
         f"`target` must be {batch_size} integer class indices (one per image), got shape "
         f"{tuple(target.shape)} and dtype {target.dtype}.")
   if not isinstance(target, jax.core.Tracer) and batch_size:
-    count = num_classes(classifier, height, width)
     if target.min() < 0 or target.max() >= count:
       raise ValueError(
           f"`target` must lie in the classifier's class range [0, {count}), got values in "
@@ -168,3 +154,41 @@ def check_config(config: Any, config_type: type) -> Any:
   if not isinstance(config, config_type):
     raise ValueError(f"`config` must be a {config_type.__name__}, got {type(config).__name__}.")
   return config
+
+
+def import_optional(module: str, method: str, extra: str) -> Any:
+  """Imports `module`, a package of the optional extra `extra` that `method` runs on.
+
+  Raises:
+    ImportError: naming the extra to install, when `module` (or a package it needs) is missing.
+  """
+  try:
+    return importlib.import_module(module)
+  except ImportError as error:
+    raise ImportError(
+        f"`{method}` needs the optional package {module.split('.')[0]!r} ({error}); install it "
+        f"with `pip install 'pfc-jax[{extra}]'`.") from error
+
+
+def call_padded(fn: Callable, batch: np.ndarray, size: int, *args: Any) -> np.ndarray:
+  """`fn(*args, items)` for every `size` items of a host batch, the last chunk padded to `size`.
+
+  Packages that drive the model from host code (XRAI's, LIME's) hand over batches of varying
+  length; padding each to `size` items (repeats of the last one) lets a jitted `fn` compile once.
+
+  Args:
+    fn: `fn(*args, items [size, ...] float32) -> [size, ...]`, usually jitted.
+    batch: `[N, ...]` items, N >= 1.
+    size: Items per call of `fn`.
+    *args: Leading arguments of `fn` (e.g. the classifier).
+
+  Returns:
+    `[N, ...]` numpy array, the outputs of the N items.
+  """
+  batch = np.asarray(batch, np.float32)
+  outputs = []
+  for start in range(0, len(batch), size):
+    items = batch[start:start + size]
+    padded = np.concatenate([items, np.repeat(items[-1:], size - len(items), axis=0)])
+    outputs.append(np.asarray(fn(*args, padded))[:len(items)])
+  return np.concatenate(outputs)

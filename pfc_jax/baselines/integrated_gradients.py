@@ -53,7 +53,7 @@ def integrated_gradients(classifier: Classifier, images: jax.Array, target: jax.
   """Integrated Gradients saliency of the target logit, from a constant baseline image.
 
   attribution = (x - x0) * mean_k grad f_t(x0 + alpha_k (x - x0)), alpha_k = (k + 1/2) / n, in
-  raw [0, 1] RGB; saliency = sum over channels of |attribution|.
+  raw [0, 1] RGB; saliency = sum over channels of `|attribution|`.
 
   Args:
     classifier: The classifier.

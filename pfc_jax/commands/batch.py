@@ -2,8 +2,9 @@
 
 Exit codes: 0 when every item is explained; 1 when some or all items could not be read (they
 are listed in OUT/failures.jsonl; the others are explained), as `pfc-jax explain` does; 2 for
-a usage error, settings that differ from the job already in --out, or another job running on
---out; 130 (Ctrl-C, SIGINT) or 143 (SIGTERM) when stopped, after saving every finished image.
+a usage error, settings or inputs that differ from the job already in --out (an image replaced,
+renamed, added or removed since the job started: the message names them), or another job
+running on --out; 130 (Ctrl-C, SIGINT) or 143 (SIGTERM) when stopped, after saving every finished image.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import tqdm
+
 from pfc_jax import batch, io, models, parallel, sources, weights
 from pfc_jax.commands._common import load_weights
 from pfc_jax.explain import PRESETS, ExplainConfig
@@ -28,7 +31,8 @@ def add_parser(subparsers) -> None:
       description=(
           "Explains every image of a folder, glob or tfds split into --out, saving each "
           "compute batch atomically as soon as it is done. Run the same command again to "
-          "resume (with any --chunk-size): saved images are skipped. Ctrl-C or SIGTERM stops "
+          "resume (with any --chunk-size): saved images are skipped; inputs changed since the "
+          "job started are refused, naming them. Ctrl-C or SIGTERM stops "
           "at once and keeps what is saved (exit 130 or 143). Unreadable items go to "
           "OUT/failures.jsonl and the job carries on; the exit code is then 1."))
   source = parser.add_mutually_exclusive_group(required=True)
@@ -75,9 +79,10 @@ def _fingerprint(weights_source: str | None) -> dict | str | None:
 
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
-  """Shows warnings as `pfc-jax batch: warning: ...` lines on stderr."""
+  """Shows warnings as `pfc-jax batch: warning: ...` lines on stderr, on lines of their own
+  while the progress bar is shown (`tqdm.write` clears its line and redraws it after)."""
   def show(message, category, filename, lineno, file=None, line=None):  # pylint: disable=unused-argument
-    print(f"pfc-jax batch: warning: {message}", file=sys.stderr)
+    tqdm.tqdm.write(f"pfc-jax batch: warning: {message}", file=sys.stderr)
 
   with warnings.catch_warnings():
     warnings.simplefilter("always", UserWarning)

@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
       summary["failed"].append({"image": path, "error": str(e)})
       continue
-    for note in notes:
-      print(f"pfc-jax explain: warning: {note}", file=sys.stderr)
+    for note in notes:  # Through the bar, which clears its line, writes this, then redraws.
+      tqdm.tqdm.write(f"pfc-jax explain: warning: {note}", file=sys.stderr)
     start = time.perf_counter()
     result = jax.device_get(explain(
         classifier, image[None], parallel.image_keys(args.seed, [index]), config, vgg_params))
