@@ -355,8 +355,9 @@ class DenseMemory(NamedTuple):
 
 
 def _nbytes(tree: Any) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  """Bytes of the arrays of `tree` (PRNG keys left out: a few bytes each)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+             if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
 def _abstract(tree: Any) -> Any:
@@ -397,8 +398,8 @@ def default_compute_batch(stage: Stage, static: Any, shared: Any, inputs: Any) -
   backend reports no limit.
 
   It depends only on the stage's settings, the shapes and the device kind, not on what else
-  the device holds, so every call in a job compiles the same shape; on every device with more
-  than 12.5 GB it is the same.
+  the device holds, so every call in a job compiles the same shape; on every device whose
+  allocator may hold 10 GB or more it is the same.
   """
   limit = device_memory_limit()
   if limit is None:

@@ -199,7 +199,8 @@ def test_compute_batch_follows_the_device_memory(monkeypatch):
   monkeypatch.setattr(_loop, "STEP_MEMORY_BUDGET", memory.estimate(8))
   assert _loop.default_compute_batch(perturbation._GAMES_STAGE, games, classifier, inputs) == 8
   monkeypatch.setattr(_loop, "device_memory_limit", lambda: memory.estimate(2) - 1)
-  with pytest.raises(ValueError, match=r"2 images needs about .* lower `PerturbConfig.compute_batch`"):
+  with pytest.raises(ValueError,
+                     match=r"2 images needs about .* lower `PerturbConfig.compute_batch`"):
     perturb(classifier, images, _labels(), keys, _dense(PERTURB, "python", compute_batch=2))
   with pytest.raises(ValueError, match="lower `CoalitionConfig.compute_batch`"):
     monkeypatch.setattr(_loop, "device_memory_limit", lambda: 1)
