@@ -78,7 +78,7 @@ class CoalitionConfig:
       `"dense"` or `"auto"` (sequential on CPU; elsewhere dense with a frozen backbone, map
       when the whole network trains). "auto".
     compute_batch: `"dense"` only: images per compiled step; None: the largest power of two
-      up to 64 estimated to fit in 80% of the device's memory, 4 on the CPU
+      up to 64 estimated to fit in 80% of the device's memory and in 8 GB, 4 on the CPU
       (`pfc_jax._loop.default_compute_batch`). None.
     driver: Step loop driver of `pfc_jax._loop.run_loop`: `"compiled"`, `"python"` or `"auto"`
       (python on CPU, compiled elsewhere); `"map"` is always compiled. "auto".

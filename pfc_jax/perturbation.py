@@ -181,7 +181,8 @@ class PerturbConfig:
       `compute_batch x noise_samples x (1 + with deletion term + with_preservation_game)`
       noisy images; a short last batch is padded (repeating its last image) and the padding
       dropped. None picks the largest power of two up to 64 whose step XLA estimates to fit in
-      80% of the device's memory, and 4 where the backend reports no memory limit (CPU)
+      80% of the device's memory and in 8 GB (so the same on a 16 GB GPU and larger ones), and
+      4 where the backend reports no memory limit (CPU)
       (`pfc_jax._loop.default_compute_batch`). A value estimated not to fit raises a
       ValueError before running. Default None.
     precision: "float32", "bfloat16" (the classifier under the noise computes in bfloat16

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                       help="16 copies, shapes_cnn, 32 px, 'tiny', chunks of 4.")
   args = parser.parse_args(argv)
   if args.smoke:
-    args.count, args.model, args.size, args.preset, args.chunk_size = 16, "shapes_cnn", 32, "tiny", 4
+    args.count, args.model, args.size = 16, "shapes_cnn", 32
+    args.preset, args.chunk_size = "tiny", 4
   result = run(args)
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

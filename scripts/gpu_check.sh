@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Measures on one accelerator, in under 8 minutes (the steps' limits add up to 475 s), the figures of the GPU table in docs/performance.md, each
-# row labelled with the preset's current name:
+# Measures on one accelerator, in under 8 minutes (the steps' limits add up to 475 s), the
+# figures of the GPU table in docs/performance.md, each row labelled with the preset's current
+# name:
 #   1. benchmark.py, s/image by stage, images/s, compile time, TFLOP/s, MFU, peak memory: `fast`
 #      with SqueezeNet 1.1 and VGG16 (random weights; the photos when given), layout "dense"
 #      (the accelerator default) at batch 1/16/64 and "map" (the layout before it) at 16,

@@ -20,8 +20,9 @@ Each row gives the larger of the two stages (they run one after the other), per 
 (temporaries + carries) / batch, and the classifier's parameters once. Then, for each stage, the
 `compute_batch` that `pfc_jax._loop.default_compute_batch` would choose on a device whose
 allocator may hold 12 GB (a 16 GB GPU under JAX's default preallocation of 75%, e.g. Colab's
-T4) and 60 GB (an 80 GB one). XLA:CPU and XLA:GPU fuse and lay out differently, so figures
-taken on the CPU are estimates of a GPU's.
+T4) and 60 GB (an 80 GB one): the same on both wherever the step's 8 GB budget
+(`_loop.STEP_MEMORY_BUDGET`) is the tighter bound. XLA:CPU and XLA:GPU fuse and lay out
+differently, so figures taken on the CPU are estimates of a GPU's.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def row(model: str, preset: str, size: int, batch: int, layout: str, precision: 
 
 def _default(memory: _loop.DenseMemory, limit: float) -> int:
   """`_loop.default_compute_batch`'s choice for a device whose allocator may hold `limit`."""
+  budget = min(0.8 * limit, _loop.STEP_MEMORY_BUDGET)
   compute_batch = _loop.MAX_COMPUTE_BATCH
-  while compute_batch > 1 and memory.estimate(compute_batch) > 0.8 * limit:
+  while compute_batch > 1 and memory.estimate(compute_batch) > budget:
     compute_batch //= 2
   return compute_batch
 
@@ -132,8 +134,8 @@ def _table(rows: list[dict]) -> str:
   for r in rows:
     coal, pert = r["coalitions"], r["perturbation"]
     defaults = [(s.get("default_compute_batch") or {}) for s in (coal, pert)]
-    text = "; ".join(" / ".join(str(d.get(device, "-")) for d in defaults) for device in DEVICES_GB) \
-        if any(defaults) else ""
+    text = ("; ".join(" / ".join(str(d.get(device, "-")) for d in defaults)
+                      for device in DEVICES_GB) if any(defaults) else "")
     lines.append(
         f"| {r['model']} | {r['preset']} | {r['precision']} | {coal['layout']}+{pert['layout']} "
         f"| {r['batch']} | {coal['per_image_gb']:.3f} | {pert['per_image_gb']:.3f} | "
