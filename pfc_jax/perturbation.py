@@ -390,6 +390,25 @@ def _perturbed(x, noise, max_w, blur_sigma, w):
   return x[None] + noise * w[None]
 
 
+def perturbed_images(x: jax.Array, noise: jax.Array, w: jax.Array, max_w: float = 1.0,
+                     blur_sigma: float = 0.0) -> jax.Array:
+  """PFC's perturbation operator, for objectives built from these pieces (`objective` uses it).
+
+  Args:
+    x: `[H, W, 3] float32` image in the classifier's normalised input space.
+    noise: `[S, H, W, 3] float32` samples eps (`sample_noise`).
+    w: `[H, W, 3] float32` noise scale in [0, max_w] (`noise_scale`).
+    max_w: The largest w (`PerturbConfig.max_w`); w / max_w is the blur's share.
+    blur_sigma: The blur's standard deviation in pixels, 0 for none
+      (`PerturbConfig.blur_pixels`).
+
+  Returns:
+    `[S, H, W, 3] float32`: x + eps w, moved towards the blurred image by w / max_w when
+    `blur_sigma` > 0 (see `PerturbConfig.blur_sigma`).
+  """
+  return _perturbed(x, noise, max_w, blur_sigma, w)
+
+
 def _local_mean(x: jax.Array, sigma: float) -> jax.Array:
   """`x [H, W, K]`'s Gaussian-weighted local mean per channel: standard deviation `sigma`
   pixels, truncated at 2 sigma, normalised by the weight inside the image."""
