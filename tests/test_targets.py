@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pfc_jax import baselines, metrics, models, weights
-from pfc_jax.baselines import _common
 from pfc_jax.benchmarks import shapes
+from pfc_jax.classifier import check_classifier
 
 
 @functools.cache
@@ -42,6 +42,6 @@ def test_target_outside_the_classes_raises(name, target):
 
 def test_the_class_count_comes_from_the_logits():
   classifier, images = _shapes_classifier(), shapes.generate(2, 64, seed=1).images
-  assert _common.num_classes(classifier, 64, 64) == classifier.logits(images).shape[-1] == 4
+  assert check_classifier(classifier, images) == classifier.logits(images).shape[-1] == 4
   maps = baselines.gradcam(classifier, images, np.array([3, 0]))  # The last class is valid.
   assert maps.shape == (2, 64, 64) and np.isfinite(np.asarray(maps)).all()
