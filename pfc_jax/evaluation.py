@@ -35,8 +35,10 @@ Method names: the baselines' names (`pfc_jax.baselines.METHODS`), and `pfc` foll
 - ablation: `no_coalitions` (the coalition stage is skipped and the perturbation sees the whole
   image as one coalition: the same objective, mask and steps with the coalitions removed, so
   that its difference from the method without it is what the coalitions add);
-- preset: one of `ExplainConfig.preset`'s names (`paper`, `full`, `fast`, `fast_noise`,
-  `fast_published`, `fast_lowres`, `tiny`; replaces the evaluation's preset for this method).
+- preset: one of `PRESETS`, replacing the evaluation's preset for this method: the names of
+  `ExplainConfig.preset` (`paper`, `full`, `fast`, `tiny`) or an objective tried before
+  `fast`'s (`EARLIER_OBJECTIVES`: `fast_noise`, `fast_published`, `fast_lowres`), which the
+  records of docs/results still name.
 
 For example `pfc`, `pfc-coalition`, `pfc-lowres`, `pfc-fast_published`, `pfc-coalition-paper`.
 """
@@ -61,8 +63,9 @@ from pfc_jax import baselines, io, metrics
 from pfc_jax._inputs import check_images, per_image_keys
 from pfc_jax.classifier import Classifier, check_classifier
 
+from pfc_jax.coalitions import CoalitionConfig
 from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain, stage_keys
-from pfc_jax.perturbation import perturb
+from pfc_jax.perturbation import PerturbConfig, perturb
 
 DEFAULT_METHODS = ("pfc", "gradcam", "scorecam", "integrated_gradients", "occlusion", "rise")
 # Protocol -> the record keys it computes (see the module docstring).
@@ -108,7 +111,35 @@ PFC_MODIFIERS = {
 }
 # Modifiers that change what runs rather than a config field.
 NO_COALITIONS = "no_coalitions"
-PRESETS = EXPLAIN_PRESETS  # Those of `ExplainConfig.preset`.
+# The objectives chosen for `fast` before its current one, at its cost (its coalitions, 80 steps,
+# S = 8), each the best of its time on the tuning split; docs/faithfulness.md ("History") has
+# their held-out figures, and `scripts/benchmark.py --preset` their costs.
+EARLIER_OBJECTIVES = {
+    # Coalition-guided noise up to max_w = 5 under the target's cross-entropy (before the blur).
+    "fast_noise": PerturbConfig(parameterization="guided", confidence="log_softmax",
+                                confidence_weight=3.0, max_w=5.0, steps=80, noise_samples=8,
+                                learning_rate=0.2),
+    # Smooth noise that ignores the coalitions, the paper's hinge (before "guided").
+    "fast_lowres": PerturbConfig(parameterization="lowres", max_w=5.0, steps=80,
+                                 noise_samples=8, learning_rate=0.2),
+    # The published objective (per-pixel noise up to 1) at the fast cost.
+    "fast_published": PerturbConfig(steps=80, noise_samples=8, learning_rate=3e-2),
+}
+PRESETS = EXPLAIN_PRESETS + tuple(EARLIER_OBJECTIVES)
+
+
+def preset_config(name: str) -> ExplainConfig:
+  """The `ExplainConfig` of preset `name` (one of `PRESETS`): `ExplainConfig.preset(name)`, or
+  an earlier objective (`EARLIER_OBJECTIVES`) with the coalitions of "fast".
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name in EARLIER_OBJECTIVES:
+    return ExplainConfig(CoalitionConfig.fast(), EARLIER_OBJECTIVES[name])
+  if name not in EXPLAIN_PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; choose from {PRESETS}.")
+  return ExplainConfig.preset(name)
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
 TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
@@ -154,7 +185,7 @@ class EvaluationConfig:
 
   Attributes:
     methods: Method names (see the module docstring); default every baseline and `pfc`.
-    preset: `ExplainConfig` preset for the PFC methods: "tiny", "fast" (default) or "paper".
+    preset: Preset of the PFC methods, one of `PRESETS` (`preset_config`); default "fast".
       "tiny" also shrinks the baselines (`TINY_BASELINES`); otherwise they run their defaults.
     batch_size: Images per call of a method and of the metrics; default 4.
     seed: Seed of the per-image PRNG keys; default 0.
@@ -227,7 +258,7 @@ def method_spec(name: str, preset: str) -> tuple[str, Any]:
     raise ValueError(
         f"Bad PFC method {name!r}: {'; '.join(problems)}. Modifiers are one preset of {PRESETS} "
         f"and at most one of each kind from {sorted(PFC_MODIFIERS)}, and {NO_COALITIONS!r}.")
-  config = ExplainConfig.preset(presets[0] if presets else preset)
+  config = preset_config(presets[0] if presets else preset)
   for modifier in edits:
     part, values = PFC_MODIFIERS[modifier]
     config = dataclasses.replace(
@@ -254,13 +285,29 @@ def method_function(name: str, preset: str, vgg_params: Any = None) -> Method:
 
 def method_settings_id(name: str, preset: str) -> str:
   """A 12-hex-digit fingerprint of everything method `name` computes with under `preset` (its
-  full `ExplainConfig`, or its baseline config): a records file keeps it with each score, so
-  that scores computed before a preset or modifier changed meaning are not resumed as if current.
+  `ExplainConfig` but for the `EXECUTION_FIELDS`, or its baseline config): a records file keeps
+  it with each score, so that scores computed before a preset or modifier changed meaning are
+  not resumed as if current.
   """
   kind, config = method_spec(name, preset)
   if not kind.startswith("pfc"):
     config = TINY_BASELINES.get(kind) if preset == "tiny" else None
-  return fingerprint([kind, dataclasses.asdict(config) if config is not None else "default"])
+  return fingerprint([kind, computed_settings(config) if config is not None else "default"])
+
+
+# Settings of how a config is run, not of what it computes: the same results under any value
+# (`pfc_jax._loop`), so records stay valid when they change.
+EXECUTION_FIELDS = ("driver", "batching", "compute_batch", "noise_chunk")
+
+
+def computed_settings(config: Any) -> dict[str, Any]:
+  """`dataclasses.asdict(config)` without the `EXECUTION_FIELDS` at any depth: what determines
+  the results of a config, for fingerprints of records (`fingerprint`)."""
+  def without_execution(value):
+    if isinstance(value, dict):
+      return {k: without_execution(v) for k, v in value.items() if k not in EXECUTION_FIELDS}
+    return value
+  return without_execution(dataclasses.asdict(config))
 
 
 def fingerprint(value: Any) -> str:

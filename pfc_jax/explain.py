@@ -18,24 +18,17 @@ from pfc_jax.classifier import Classifier, check_classifier
 from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.perturbation import PerturbConfig, perturb, perturb_sweep
 
-PRESETS = ("paper", "full", "fast", "fast_noise", "fast_published", "fast_lowres", "tiny")
+PRESETS = ("paper", "full", "fast", "tiny")
 
-# The objective chosen on the tuning split (README, "Faithfulness"): w smooth inside each
-# coalition (the coalitions shape the map), with the target's cross-entropy as the confidence
-# term (it keeps the class's probability, not only its rank). "fast_noise" perturbs with
-# additive noise up to max_w = 5 (noise that can erase what it covers); the current objective
-# blurs instead (10 px, no noise: a covered pixel is replaced by its surroundings, as the
-# removal metrics replace it), deterministic, so one sample per step computes it exactly. A
-# blur over 0.08 of the image side (`pfc-relative_blur` in `pfc-jax evaluate`) points better on
-# 64 px images but did not hold on held-out photos (README, "The blur's scale"). The map is the
-# mean of two games' maps: the preservation game, and the dual game that adds the deletion term
-# (weight 10) to it (README, "Two games").
-_NOISE_ONLY = dict(parameterization="guided", confidence="log_softmax", confidence_weight=3.0,
-                   max_w=5.0)
-_CHOSEN = dict(_NOISE_ONLY, blur_sigma=10.0, noise_std=0.0, noise_samples=1, max_w=1.0,
-               deletion_weight=10.0, with_preservation_game=True)
-# The objective chosen before it, kept for comparison as "fast_lowres".
-_LOWRES = dict(parameterization="lowres", max_w=5.0)
+# The perturbation of "fast" and "full", chosen on the tuning split (docs/faithfulness.md): w
+# smooth inside each coalition (`guided`), a covered pixel blurred (10 px, no noise, so one
+# sample per step computes the objective exactly) up to max_w = 1, the target's cross-entropy as
+# the confidence term, and the mean of the preservation and the dual game's maps. The objectives
+# tried before it are `pfc-jax evaluate` configs (`pfc_jax.evaluation.EARLIER_OBJECTIVES`).
+_FAST_PERTURBATION = PerturbConfig(
+    parameterization="guided", blur_sigma=10.0, noise_std=0.0, noise_samples=1, max_w=1.0,
+    confidence="log_softmax", confidence_weight=3.0, deletion_weight=10.0,
+    with_preservation_game=True, steps=80, learning_rate=0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,33 +60,27 @@ class ExplainConfig:
   def preset(cls, name: str) -> ExplainConfig:
     """A named configuration.
 
-    - "paper": the authors' demo end to end, the literal published objective: randomly
-      initialised coalition network trained up to 500 steps, then 500 Adam steps with S = 16
-      noise samples, per-pixel w up to 1 and the published consistency loss. About 3 h per
-      224 px image on a 2-core CPU (SqueezeNet; `scripts/benchmark.py --preset paper
-      --max-steps 3`, scaled), so for accelerators (the authors report 90 s + 97 s per image on
-      one GPU).
-    - "full": the paper's coalition stage (full coalition network, up to 500 steps), then the
-      perturbation of "fast" (80 Adam steps at 0.2 with the chosen objective): 500 steps, at
-      learning rate 5e-2 or 0.2, were no better on the tuning data (README, "The `full`
-      preset's perturbation"). For accelerators.
-    - "fast": CPU friendly, and the recommended preset. `CoalitionConfig.fast()` (frozen random
-      backbone at short side 64, at most 300 steps), then 80 Adam steps with the chosen
-      objective: coalition-guided smooth w (`parameterization="guided"`, stride 8) that blurs
-      what it covers (`blur_sigma=10`, `noise_std=0`: no noise, so S = 1) up to max_w = 1,
-      `confidence="log_softmax"` with weight 3, learning rate 0.2; the map is the mean of the
-      preservation game's and of the dual game's (`deletion_weight=10`,
-      `with_preservation_game=True`). About 19 s per 224 px photo on 2 idle CPU cores
-      (SqueezeNet;
-      `python scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast
-      --images DIR`). Faithfulness against the baselines: see the README.
-    - "fast_noise": the "fast" cost with the objective chosen before the blur: additive noise
-      only, up to max_w = 5, S = 8 (`pfc-blur-fast_noise` in `pfc-jax evaluate` adds the 10 px
-      blur to that noise, the recommended objective between the two).
-    - "fast_published": the "fast" cost with the published objective (per-pixel w up to 1,
-      learning rate 3e-2).
-    - "fast_lowres": the "fast" cost with the objective chosen before "guided" (smooth noise
-      without the coalitions, `parameterization="lowres"`, the paper's hinge, max_w = 5).
+    Costs are per 224 px photo with SqueezeNet 1.1 (docs/performance.md); what each achieves
+    on held-out data is in docs/faithfulness.md.
+
+    - "fast": the recommended preset, and the command line's default. Cheap coalitions
+      (`CoalitionConfig.fast()`: frozen random backbone at short side 64, at most 300 steps),
+      then two games of 80 Adam steps at learning rate 0.2: w smooth inside each coalition
+      (`parameterization="guided"`) blurs what it covers (`blur_sigma=10`, no noise, so one
+      sample per step) up to `max_w=1` under the target's cross-entropy (weight 3); the map is
+      the mean of the preservation game's and of the dual game's (`deletion_weight=10`,
+      `with_preservation_game=True`). About 19 s on 2 idle CPU cores (`python
+      scripts/benchmark.py --model squeezenet1_1 --weights W --size 224 --preset fast --images
+      DIR`); on 125 held-out photos it beats the gradient, CAM, occlusion and RISE baselines on
+      insertion and ROAD.
+    - "full": the paper's coalition stage (randomly initialised network, up to 500 steps), then
+      the perturbation of "fast" (500 steps, at learning rate 5e-2 or 0.2, were no better on the
+      tuning data: docs/faithfulness.md). About 3 h on the CPU, for accelerators.
+    - "paper": the literal published method end to end: the coalition stage of "full", then 500
+      Adam steps with S = 16 noise samples, per-pixel w up to 1 and the published consistency
+      loss (the authors' demo defaults, `PerturbConfig()`). About 3 h on the CPU
+      (`scripts/benchmark.py --preset paper --max-steps 3`, scaled); the authors report 90 s +
+      97 s per image on one GPU.
     - "tiny": a few steps of a narrow network, for tests and smoke runs; no meaningful maps.
 
     Raises:
@@ -102,14 +89,9 @@ class ExplainConfig:
     if name == "paper":
       return cls(CoalitionConfig(init="random"), PerturbConfig())
     if name == "full":
-      return cls(CoalitionConfig(init="random"), cls.preset("fast").perturb)
-    if name in ("fast", "fast_noise", "fast_published", "fast_lowres"):
-      objective = {"fast": dict(_CHOSEN, learning_rate=0.2),
-                   "fast_noise": dict(_NOISE_ONLY, learning_rate=0.2),
-                   "fast_lowres": dict(_LOWRES, learning_rate=0.2),
-                   "fast_published": dict(learning_rate=3e-2)}[name]
-      return cls(CoalitionConfig.fast(),
-                 PerturbConfig(**{"steps": 80, "noise_samples": 8, **objective}))
+      return cls(CoalitionConfig(init="random"), _FAST_PERTURBATION)
+    if name == "fast":
+      return cls(CoalitionConfig.fast(), _FAST_PERTURBATION)
     if name == "tiny":
       coalitions = CoalitionConfig.tiny()
       return cls(coalitions, PerturbConfig(steps=3, noise_samples=2, learning_rate=0.1,

@@ -37,7 +37,8 @@ import jax
 import numpy as np
 
 from pfc_jax import _loop, _precision, coalitions, models, perturbation, sources, weights
-from pfc_jax.explain import PRESETS, ExplainConfig
+from pfc_jax.evaluation import PRESETS, preset_config
+from pfc_jax.explain import ExplainConfig
 from _xla_cost import flops
 
 # (substring of jax's device_kind, lower case; name; dense peak TFLOP/s in bfloat16; in float32
@@ -89,7 +90,7 @@ def _config(preset: str, max_steps: int | None, precision: str, batching: str,
             compute_batch: int | None = None):
   """`(config run, config of the preset)` with precision, batching and compute batch set in
   both stages."""
-  base = ExplainConfig.preset(preset)
+  base = preset_config(preset)
   layout = dict(precision=precision, batching=batching, compute_batch=compute_batch)
   base = ExplainConfig(dataclasses.replace(base.coalitions, **layout),
                        dataclasses.replace(base.perturb, **layout))

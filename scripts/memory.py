@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pfc_jax import _loop, _precision, coalitions, models, perturbation
-from pfc_jax.explain import PRESETS, ExplainConfig
+from pfc_jax.evaluation import PRESETS, preset_config
+from pfc_jax.explain import ExplainConfig
 
 _GB = 1e9
 DEVICES_GB = {"16 GB GPU": 12.0, "80 GB GPU": 60.0}  # bytes_limit at 75% preallocation.
@@ -92,7 +93,7 @@ def _stages(config: ExplainConfig, classifier, layout: str):
 
 def row(model: str, preset: str, size: int, batch: int, layout: str, precision: str) -> dict:
   """Memory of both stages' steps for `batch` images (see the module docstring)."""
-  base = ExplainConfig.preset(preset)
+  base = preset_config(preset)
   config = ExplainConfig(dataclasses.replace(base.coalitions, precision=precision),
                          dataclasses.replace(base.perturb, precision=precision))
   classifier = _abstract_classifier(model, size)

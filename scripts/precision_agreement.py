@@ -25,7 +25,8 @@ import numpy as np
 from scipy import stats
 
 from pfc_jax import metrics, models, parallel, weights
-from pfc_jax.explain import PRESETS, ExplainConfig, explain
+from pfc_jax.evaluation import PRESETS, preset_config
+from pfc_jax.explain import ExplainConfig, explain
 from coalition_agreement import adjusted_rand_index, load_photos
 
 
@@ -47,7 +48,7 @@ def main():
 
   classifier = models.classifier("squeezenet1_1", weights.load("squeezenet1_1", source=args.weights))
   photos = load_photos(args.photos, args.count, args.size)
-  config = ExplainConfig.preset(args.preset)
+  config = preset_config(args.preset)
   print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}): {len(photos)} photos at "
         f"{args.size} px, preset {args.preset}")
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--offset", type=int, default=0, help="First image (row) index.")
   parser.add_argument("--limit", "--num-images", type=int, default=16, help="Number of images.")
   parser.add_argument("--image-size", type=int, help="Square input side; default: the model's.")
-  parser.add_argument("--preset", default="fast", help="ExplainConfig preset.")
+  parser.add_argument("--preset", default="fast", choices=evaluation.PRESETS,
+                      help="Preset (`pfc_jax.evaluation.preset_config`).")
   parser.add_argument("--perturb", nargs="*", default=[],
                       help="FIELD=VALUE edits of the preset's PerturbConfig, e.g. parameterization=region.")
   parser.add_argument("--sweep", nargs="+", required=True,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="Comma-separated saliency readout sigmas (pixels) scored for each setting.")
   args = parser.parse_args(argv)
 
-  base = ExplainConfig.preset(args.preset)
+  base = evaluation.preset_config(args.preset)
   edits = {k[0]: v[0][0] for k, v in _parse_assignments("--perturb", args.perturb).items()}
   swept = _parse_assignments("--sweep", args.sweep)
   fields = [name for group in swept for name in group]
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
   header = {"model": args.model, "weights": args.weights, "images": args.images,
             "benchmark_seed": None if args.images else args.benchmark_seed, "seed": args.seed,
             "preset": args.preset, "perturb": edits,
-            "config_id": evaluation.fingerprint(dataclasses.asdict(base))}
+            "config_id": evaluation.fingerprint(evaluation.computed_settings(base))}
   if args.road:
     header["road"] = True
   if args.saliency_sigma:

@@ -88,6 +88,25 @@ def test_bad_method_names_raise(name):
     evaluation.method_spec(name, "fast")
 
 
+def test_earlier_objectives_keep_fasts_coalitions_and_differ_from_it_in_the_objective():
+  fast = ExplainConfig.preset("fast")
+  published, lowres, noise = (evaluation.preset_config(name) for name in
+                              ("fast_published", "fast_lowres", "fast_noise"))
+  assert fast.coalitions == noise.coalitions == lowres.coalitions == published.coalitions
+  assert dataclasses.replace(fast.perturb, blur_sigma=0.0, noise_std=1.0, noise_samples=8,
+                             max_w=5.0, deletion_weight=0.0,
+                             with_preservation_game=False) == noise.perturb
+  assert dataclasses.replace(noise.perturb, parameterization="lowres", confidence="hinge",
+                             confidence_weight=100.0) == lowres.perturb
+  assert dataclasses.replace(lowres.perturb, parameterization="pixel", max_w=1.0,
+                             learning_rate=3e-2) == published.perturb
+  assert published.perturb.consistency == "published"
+  assert evaluation.method_spec("pfc-fast_noise", "fast")[1] == noise
+  assert evaluation.preset_config("paper") == ExplainConfig.preset("paper")
+  with pytest.raises(ValueError, match="best"):
+    evaluation.preset_config("best")
+
+
 def test_pfc_method_names_edit_the_preset():
   kind, config = evaluation.method_spec("pfc-coalition-vgg16init-paper", "fast")
   paper = ExplainConfig.preset("paper")
@@ -100,7 +119,7 @@ def test_pfc_method_names_edit_the_preset():
   assert evaluation.method_spec("pfc-smooth", "fast")[1].perturb == dataclasses.replace(
       ExplainConfig.preset("fast").perturb, saliency_sigma=8.0)
   assert evaluation.method_spec("pfc-blur-fast_noise", "fast")[1].perturb == dataclasses.replace(
-      ExplainConfig.preset("fast_noise").perturb, blur_sigma=10.0)
+      evaluation.EARLIER_OBJECTIVES["fast_noise"], blur_sigma=10.0)
   assert evaluation.method_spec("pfc-blur", "fast")[1] == ExplainConfig.preset("fast")
   relative = evaluation.method_spec("pfc-relative_blur", "fast")[1].perturb
   assert relative == dataclasses.replace(ExplainConfig.preset("fast").perturb, blur_sigma=0.0,

@@ -47,10 +47,8 @@ def test_paper_preset_is_the_authors_demo():
     ExplainConfig.preset("best")
 
 
-def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_differ_only_there():
-  published, lowres = ExplainConfig.preset("fast_published"), ExplainConfig.preset("fast_lowres")
+def test_fast_and_full_use_the_chosen_objective():
   fast, full = ExplainConfig.preset("fast"), ExplainConfig.preset("full")
-  assert published.perturb.parameterization == "pixel" and published.perturb.max_w == 1.0
   for chosen in (fast, full):
     assert chosen.perturb.parameterization == "guided" and chosen.perturb.max_w == 1.0
     assert chosen.perturb.confidence == "log_softmax"
@@ -62,17 +60,14 @@ def test_fast_and_full_use_the_chosen_objective_and_the_comparison_presets_diffe
     # The map is the mean of the preservation game's and the dual game's.
     assert chosen.perturb.with_preservation_game and chosen.perturb.deletion_weight == 10.0
   assert full.perturb == fast.perturb  # 500 steps were no better on the tuning data.
-  assert fast.perturb.consistency == published.perturb.consistency == "published"
-  noise = ExplainConfig.preset("fast_noise")
-  assert dataclasses.replace(fast.perturb, blur_sigma=0.0, noise_std=1.0, noise_samples=8,
-                             max_w=5.0, deletion_weight=0.0,
-                             with_preservation_game=False) == noise.perturb
-  assert dataclasses.replace(noise.perturb, parameterization="lowres", confidence="hinge",
-                             confidence_weight=100.0) == lowres.perturb
-  assert dataclasses.replace(lowres.perturb, parameterization="pixel", max_w=1.0,
-                             learning_rate=3e-2) == published.perturb
-  assert fast.coalitions == noise.coalitions == lowres.coalitions == published.coalitions
   assert full.coalitions == ExplainConfig.preset("paper").coalitions
+  assert fast.coalitions == CoalitionConfig.fast()
+
+
+@pytest.mark.parametrize("former", ["fast_noise", "fast_published", "fast_lowres"])
+def test_objectives_tried_before_are_not_presets(former):
+  with pytest.raises(ValueError, match="fast_noise|choose from"):
+    ExplainConfig.preset(former)
 
 
 def test_config_rejects_too_few_coalition_slots():
