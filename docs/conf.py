@@ -23,6 +23,9 @@ default_role = "code"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# `PerturbConfig`'s fields, documented in the groups a reader thinks in.
+napoleon_custom_sections = [(name, "params_style") for name in (
+    "Perturbation operator", "Mask", "Objective", "Optimiser", "Execution")]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 # Defaults as written in the source (`PerturbConfig()`), not their expanded repr.

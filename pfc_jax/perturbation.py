@@ -72,153 +72,154 @@ _ACCELERATOR_LAYOUT = "dense"
 
 @dataclasses.dataclass(frozen=True)
 class PerturbConfig:
-  """Settings of the perturbation; defaults are the authors' demo values.
+  """Settings of the perturbation; the defaults are the authors' demo values (the "paper" preset).
 
-  Attributes:
-    mask_weight: lambda_r, weight of the mask term -mean(w). Default 0.1.
-    confidence_weight: mu, weight of the confidence term that keeps the target class (the
-      logit hinge or the log-softmax, see `confidence`). Default 100.0.
-    consistency_weight: v, weight of the consistency term. Default 1.0.
-    smoothness_weight: c, weight of the Laplacian smoothness term (off in the demo). Default 0.0.
-    deletion_weight: Weight of the deletion term (the deletion game, see `objective`): the
-      target's probability under the complementary noise `eps * (max_w - w)`, which is large
-      where w is small. Not in the paper; nonzero doubles the classifier's batch per step.
-      Default 0.0 (off).
-    with_preservation_game: Also optimise w without the deletion term (the preservation game
-      alone, on the same coalitions, keys and settings) and return the mean of the two runs'
-      min-max normalised saliency maps. The preservation game marks evidence that suffices to
-      keep the class; with the deletion term (the dual game) w also marks evidence whose
-      removal destroys the class, which the most-relevant-first removal metrics reward, but on
-      images where no removal of the object destroys the class the dual game may mark
-      background instead. The mean keeps both: on the tuning data it kept the deletion term's
-      gain on ROAD MoRF and the preservation game's pointing game (README, "Two games").
-      Needs `deletion_weight` > 0; costs one more run of the preservation objective. Not in
-      the paper (the two games are Fong and Vedaldi's, ICCV 2017). Default False.
-    consistency: Which consistency term: "published" (the paper's formula, which does not
-      depend on the coalitions, see `objective`), "coalition" (Gaussian-weighted deviation of w
-      from its mean inside each coalition) or "off" (term is zero; the ablation).
-      Default "published".
-    sigma: Standard deviation of the consistency term's Gaussian G, in pixels (not the
-      noise's, see `noise_sigma`). Default 1.0.
-    kernel_size: Side of the (odd, square) Gaussian kernel. Default 5.
-    noise_samples: S, noise samples drawn per step. Default 16.
-    noise_chunk: Evaluate the S samples in chunks of this many, accumulating gradients
-      (must divide S); same result up to float error, activation memory divided by about
-      S / chunk (VGG16, 224 px, S = 16: 3.2 GB per image unchunked, 0.8 GB with chunks of 4;
-      `scripts/memory_vgg16.py`). The chunks run in a `lax.scan`; on XLA:CPU, where memory is
-      rarely short, that loop makes convolutions much slower. None evaluates all S at once.
-      Default None.
-    steps: Adam steps. Default 500.
-    learning_rate: Adam learning rate (the initial one under a decaying `schedule`).
-      Default 1e-2.
-    schedule: The learning rate over the steps: "constant" (as published) or "cosine"
-      (decays towards 0 over the steps, `optax.cosine_decay_schedule`; Loshchilov and Hutter,
-      ICLR 2017). Each step's noise samples make the gradient noisy, so under a constant rate
-      the last iterate is one draw from a noisy stationary walk; a decaying rate lets the final
-      steps average that noise out. Default "constant".
-    max_w: w is clipped to [0, max_w] after every step. Default 1.0.
+  One flat class, its fields in five groups, as below and in the source. A field that only one
+  choice of its group reads (`max_regions` for "region", `lowres_stride` for "lowres" and
+  "guided", `noise_sigma` for noise, `sigma` and `kernel_size` for a consistency term,
+  `compute_batch` for the dense layout) is refused, with a message, when set away from its
+  default under another choice, so that no setting is silently ignored.
+
+  Perturbation operator:
+    noise_std: Standard deviation of eps, so the noise at a pixel has standard deviation
+      `noise_std * w`. 1 as published; 0 leaves the blur as the only perturbation,
+      x + (w / max_w)(b - x) (Meaningful Perturbations, Fong and Vedaldi, ICCV 2017, on PFC's
+      coalition-shaped w): the objective is then deterministic and `noise_samples = 1`
+      computes it exactly. 0 needs a blur (`blur_sigma` or `blur_fraction` > 0). Default 1.0.
     noise_sigma: Spatial correlation of eps, in pixels: 0 draws eps i.i.d. per pixel (as
       published); s > 0 convolves i.i.d. normal samples with a Gaussian of standard deviation
       s (truncated at 2 s) and rescales them to unit variance, so that eps stays N(0, 1) at
-      each pixel but varies smoothly, like a blur rather than a texture. Default 0.0.
-    noise_std: Standard deviation of eps, so the noise at a pixel has standard deviation
-      `noise_std * w`. 1 as published; 0 leaves the blur (`blur_sigma`, `blur_fraction`) as the only
-      perturbation (x + (w / max_w)(b - x), the blur perturbation of Meaningful Perturbations,
-      Fong and Vedaldi, ICCV 2017, on PFC's coalition-shaped w): the objective is then
-      deterministic and `noise_samples = 1` computes it exactly. 0 needs a blur
-      (`blur_sigma` or `blur_fraction` > 0).
-      Not in the paper. Default 1.0.
-    blur_sigma: The perturbation operator. 0: additive noise, the perturbed image is
-      x + eps w (as published). s > 0: noise and blur, x + (w / max_w)(b - x) + eps w, with b
-      the image blurred by a Gaussian of standard deviation s pixels (truncated at 2 s,
-      normalised at the border): as w grows a pixel is also replaced by its blurred
-      neighbourhood, so the game asks which pixels' detail the class needs, not only which
-      survive noise. Blur is the perturbation of Meaningful Perturbations (Fong and Vedaldi,
-      ICCV 2017) and the starting image of the insertion metric (Petsiuk et al., BMVC 2018);
-      the removal metrics replace pixels by their surroundings (ROAD's imputation, Rong et al.,
-      ICML 2022). Not in the paper. Default 0.0.
+      each pixel but varies smoothly. Needs noise (`noise_std` > 0). Default 0.0.
+    noise_samples: S, noise samples drawn per step. Default 16.
+    blur_sigma: s > 0 adds the blur: the perturbed image is x + (w / max_w)(b - x) + eps w,
+      with b the image blurred by a Gaussian of standard deviation s pixels (truncated at 2 s,
+      normalised at the border), so that as w grows a pixel is also replaced by its blurred
+      neighbourhood, as the removal metrics replace it (ROAD's imputation, Rong et al., ICML
+      2022; the insertion metric's blurred start, Petsiuk et al., BMVC 2018). 0: additive
+      noise only, x + eps w, as published. Not in the paper. Default 0.0.
     blur_fraction: The same blur with its standard deviation given as a fraction of the image's
-      shorter side, `blur_fraction * min(H, W)` pixels, so that one setting suits every image
-      size (0.08: 17.9 px at 224 px, 5.1 px at 64 px; Meaningful Perturbations' 10 px at 224 px
-      is 0.045). At most 1; at most one of `blur_sigma` and `blur_fraction` is > 0. Not in
-      the paper. Default 0.0.
-    saliency_sigma: Smoothing of the saliency read out of w, in pixels: 0 reads
-      `1 - mean over channels of w` as it is; s > 0 takes its Gaussian-weighted local mean
-      (standard deviation s, truncated at 2 s, normalised at the image border: `smooth_saliency`).
-      w itself is not smoothed. Coalition-guided noise keeps w constant on coalition fragments
-      that may be a few pixels wide, and the preservation game leaves a broad plateau of w near
-      0, inside which the ranking follows those fragments; the readout ranks the pixels by the
-      evidence around them instead, so that the most relevant pixels form compact regions, as
-      the removal metrics (ROAD, deletion) remove them. It blurs the map's edges at that scale.
-      Measured (README, "Candidates"): 8 px raised insertion on the tuning photos but not on the
-      held-out ones; on the shapes benchmark it raises insertion and relevance mass. Default 0.0.
-    max_coalitions: Static upper bound on coalition labels: labels must lie in
-      [0, max_coalitions). Default 20, the coalition network's channel count.
-    driver: Loop driver, see `pfc_jax._loop.resolve_driver`: "auto" (Python step loop on
-      CPU, one compiled loop elsewhere), "compiled" or "python". Same results. Default "auto".
+      shorter side, `blur_fraction * min(H, W)` pixels (0.08: 17.9 px at 224 px, 5.1 px at
+      64 px). At most 1; at most one of `blur_sigma` and `blur_fraction` is > 0. Not in the
+      paper. Default 0.0.
+    max_w: w is clipped to [0, max_w] after every step. Default 1.0.
+
+  Mask:
     parameterization: How w is parameterised (see the module docstring): "pixel" (one value
       per pixel and channel, as published), "region" (one value per connected coalition region
       and channel), "lowres" (a coarse grid upsampled bilinearly) or "guided" ("lowres"
       smoothed inside each coalition). Default "pixel".
     max_regions: "region" only: the largest `max_regions` connected regions of the coalitions
       get their own value; the smaller regions of a coalition share one. Default 64.
-    lowres_stride: "lowres" and "guided": w's grid is
+    lowres_stride: "lowres" and "guided" only: w's grid is
       `ceil(H / lowres_stride) x ceil(W / lowres_stride)`; "guided" smooths with a Gaussian of
       standard deviation `lowres_stride / 2` pixels (`2 * lowres_stride + 1` taps). Default 8.
+    max_coalitions: Static upper bound on coalition labels: labels must lie in
+      [0, max_coalitions). Default 20, the coalition network's channel count.
+    saliency_sigma: Smoothing of the saliency read out of w, in pixels: 0 reads
+      `1 - mean over channels of w` as it is; s > 0 takes its Gaussian-weighted local mean
+      (`smooth_saliency`), so that the most relevant pixels form compact regions, as the
+      removal metrics remove them; w itself is not smoothed (docs/faithfulness.md, "History":
+      8 px did not hold on held-out photos). Default 0.0.
+
+  Objective:
     confidence: The confidence term: "hinge" (the paper's mean of relu(f_j - f_t) on logits,
       zero while the target stays on top) or "log_softmax" (-log softmax(f)_t, the target's
-      cross-entropy, which ranks the noise's harm before the class flips, as the preservation
-      game of Fong and Vedaldi, ICCV 2017). Default "hinge".
-    batching: Image layout, see `pfc_jax._loop`: "sequential" (one image after another, each
-      with the one-image step), "map" (one compiled `lax.map` over the images of one image's
-      compiled loop), "vmap" (the noise samples of all images in one dense batch per step),
-      "dense" (the images in compute batches of `compute_batch`, each step ONE classifier call
-      on every image's noisy images, of both games with `with_preservation_game`) or "auto"
-      (sequential on CPU, dense elsewhere). Under "sequential" and "map", and under "dense" for
-      a given `compute_batch`, an image's result does not depend on its batch, to float32
-      equality; under "vmap" up to float rounding. Default "auto".
-    compute_batch: "dense" only: images per compiled step, so each step classifies
-      `compute_batch x noise_samples x (1 + with deletion term + with_preservation_game)`
-      noisy images; a short last batch is padded (repeating its last image) and the padding
-      dropped. None picks the largest power of two up to 64 whose step XLA estimates to fit in
-      80% of the device's memory and in 8 GB (so the same on a 16 GB GPU and larger ones), and
-      4 where the backend reports no memory limit (CPU)
-      (`pfc_jax._loop.default_compute_batch`). A value estimated not to fit raises a
-      ValueError before running. Default None.
-    precision: "float32", "bfloat16" (the classifier under the noise computes in bfloat16
-      while w, the Adam state, the objective and its gradient stay float32) or "auto"
-      (bfloat16 on GPU/TPU, float32 on CPU). The clean prediction (target, probs) is always
-      float32 (`pfc_jax._precision`). Default "auto".
+      cross-entropy, which ranks the perturbation's harm before the class flips, as the
+      preservation game of Fong and Vedaldi, ICCV 2017). Default "hinge".
+    confidence_weight: mu, weight of the confidence term. Default 100.0.
+    mask_weight: lambda_r, weight of the mask term -mean(w). Default 0.1.
+    consistency: Which consistency term: "published" (the paper's formula, which does not
+      depend on the coalitions, see `objective`), "coalition" (Gaussian-weighted deviation of w
+      from its mean inside each coalition) or "off" (term is zero; the ablation).
+      Default "published".
+    consistency_weight: v, weight of the consistency term. Default 1.0.
+    sigma: Standard deviation of the consistency term's Gaussian G, in pixels. Default 1.0.
+    kernel_size: Side of the (odd, square) Gaussian kernel of the consistency term. Default 5.
+    smoothness_weight: c, weight of the Laplacian smoothness term (off in the demo).
+      Default 0.0.
+    deletion_weight: Weight of the deletion term (the deletion game, see `objective`): the
+      target's probability under the complementary perturbation `max_w - w`, large where w is
+      small. Not in the paper; nonzero doubles the classifier's batch per step. Default 0.0.
+    with_preservation_game: Also optimise w without the deletion term (the preservation game
+      alone, on the same coalitions, keys and settings) and return the mean of the two runs'
+      min-max normalised saliency maps. The preservation game marks evidence that suffices to
+      keep the class; the dual game (with the deletion term) also marks evidence whose
+      removal destroys the class, which the most-relevant-first removal metrics reward, but on
+      images where no removal of the object destroys the class it may mark background. On the
+      tuning data the mean kept the dual game's gain on ROAD MoRF and the preservation game's
+      pointing game (docs/faithfulness.md, "History"). Needs `deletion_weight` > 0. Not in the
+      paper (the two games are Fong and Vedaldi's, ICCV 2017). Default False.
+
+  Optimiser:
+    steps: Adam steps. Default 500.
+    learning_rate: Adam learning rate (the initial one under a decaying `schedule`).
+      Default 1e-2.
+    schedule: The learning rate over the steps: "constant" (as published) or "cosine"
+      (decays towards 0, `optax.cosine_decay_schedule`; Loshchilov and Hutter, ICLR 2017), so
+      that the final steps average out the noise samples' gradient noise. Default "constant".
+
+  Execution:
+    batching: Image layout, see `pfc_jax._loop`: "sequential" (one image after another),
+      "map" (one compiled `lax.map` over the images of one image's compiled loop), "vmap" (the
+      noise samples of all images in one dense batch per step), "dense" (the images in compute
+      batches of `compute_batch`, each step ONE classifier call on every image's perturbed
+      images, of both games with `with_preservation_game`) or "auto" (sequential on CPU, dense
+      elsewhere). Under "sequential" and "map", and under "dense" for a given
+      `compute_batch`, an image's result does not depend on its batch, to float32 equality;
+      under "vmap" up to float rounding. Default "auto".
+    compute_batch: "dense" (or "auto" on an accelerator) only: images per compiled step, so
+      each step classifies `compute_batch x noise_samples x (1 + with deletion term +
+      with_preservation_game)` perturbed images; a short last batch is padded (repeating its
+      last image) and the padding dropped. None picks the largest power of two up to 64 whose
+      step XLA estimates to fit in 80% of the device's memory and in 8 GB, and 4 where the
+      backend reports no memory limit (CPU) (`pfc_jax._loop.default_compute_batch`). A value
+      estimated not to fit raises a ValueError before running. Default None.
+    driver: Loop driver, see `pfc_jax._loop.resolve_driver`: "auto" (Python step loop on CPU,
+      one compiled loop elsewhere), "compiled" or "python". Same results. Default "auto".
+    noise_chunk: Evaluate the S samples in chunks of this many, accumulating gradients (must
+      divide S); same result up to float error, activation memory divided by about S / chunk
+      (VGG16, 224 px, S = 16: 3.2 GB per image unchunked, 0.8 GB with chunks of 4;
+      `scripts/memory_vgg16.py`). The chunks run in a `lax.scan`, which on XLA:CPU makes
+      convolutions much slower. None evaluates all S at once. Default None.
+    precision: "float32", "bfloat16" (the classifier under the perturbation computes in
+      bfloat16 while w, the Adam state, the objective and its gradient stay float32) or
+      "auto" (bfloat16 on GPU/TPU, float32 on CPU). The clean prediction (target, probs) is
+      always float32 (`pfc_jax._precision`). Default "auto".
   """
 
-  mask_weight: float = 0.1
-  confidence_weight: float = 100.0
-  consistency_weight: float = 1.0
-  smoothness_weight: float = 0.0
-  deletion_weight: float = 0.0
-  with_preservation_game: bool = False
-  consistency: Consistency = "published"
-  sigma: float = 1.0
-  kernel_size: int = 5
-  noise_samples: int = 16
-  noise_chunk: int | None = None
-  steps: int = 500
-  learning_rate: float = 1e-2
-  schedule: Schedule = "constant"
-  max_w: float = 1.0
-  noise_sigma: float = 0.0
+  # Perturbation operator.
   noise_std: float = 1.0
+  noise_sigma: float = 0.0
+  noise_samples: int = 16
   blur_sigma: float = 0.0
   blur_fraction: float = 0.0
-  saliency_sigma: float = 0.0
-  max_coalitions: int = 20
-  driver: _loop.Driver = "auto"
+  max_w: float = 1.0
+  # Mask.
   parameterization: Parameterization = "pixel"
   max_regions: int = 64
   lowres_stride: int = 8
+  max_coalitions: int = 20
+  saliency_sigma: float = 0.0
+  # Objective.
   confidence: Confidence = "hinge"
+  confidence_weight: float = 100.0
+  mask_weight: float = 0.1
+  consistency: Consistency = "published"
+  consistency_weight: float = 1.0
+  sigma: float = 1.0
+  kernel_size: int = 5
+  smoothness_weight: float = 0.0
+  deletion_weight: float = 0.0
+  with_preservation_game: bool = False
+  # Optimiser.
+  steps: int = 500
+  learning_rate: float = 1e-2
+  schedule: Schedule = "constant"
+  # Execution.
   batching: _loop.Batching = "auto"
   compute_batch: int | None = None
+  driver: _loop.Driver = "auto"
+  noise_chunk: int | None = None
   precision: _precision.Precision = "auto"
 
   def __post_init__(self):
@@ -272,6 +273,27 @@ class PerturbConfig:
                        f"{self.compute_batch!r}.")
     _loop.check_batching(self.batching, self.driver)
     _precision.check_precision(self.precision)
+    self._refuse_unread_settings()
+
+  def _refuse_unread_settings(self):
+    """Raises a ValueError for a field set away from its default where nothing reads it."""
+    unread = {
+        "max_regions": (self.parameterization != "region",
+                        f"parameterization {self.parameterization!r} (only \"region\" reads it)"),
+        "lowres_stride": (self.parameterization not in ("lowres", "guided"),
+                          f"parameterization {self.parameterization!r} (only \"lowres\" and "
+                          "\"guided\" read it)"),
+        "noise_sigma": (self.noise_std == 0, "noise_std 0 (no noise to correlate)"),
+        "sigma": (self.consistency == "off", "consistency \"off\""),
+        "kernel_size": (self.consistency == "off", "consistency \"off\""),
+        "compute_batch": (self.batching not in ("dense", "auto"),
+                          f"batching {self.batching!r} (only \"dense\" reads it)"),
+    }
+    defaults = {field.name: field.default for field in dataclasses.fields(self)}
+    for name, (ignored, reason) in unread.items():
+      if ignored and getattr(self, name) != defaults[name]:
+        raise ValueError(f"`{name}` = {getattr(self, name)!r} has no effect under {reason}; "
+                         f"leave it at its default {defaults[name]!r}.")
 
   def layout(self) -> _loop.Layout:
     """The image layout `batching` resolves to on the default backend ("auto": "sequential"

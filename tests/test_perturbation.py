@@ -647,3 +647,27 @@ def test_blur_fraction_is_that_fraction_of_the_shorter_side_in_pixels():
   none, _ = objective(jnp.asarray(w), jnp.asarray(x), jnp.asarray(noise), labels, 1, classifier,
                       PerturbConfig(confidence="log_softmax"))
   np.testing.assert_allclose(tiny, none, rtol=1e-6)
+
+
+@pytest.mark.parametrize("settings, field", [
+    (dict(max_regions=8), "max_regions"),
+    (dict(parameterization="guided", max_regions=8), "max_regions"),
+    (dict(lowres_stride=4), "lowres_stride"),
+    (dict(parameterization="region", lowres_stride=4), "lowres_stride"),
+    (dict(noise_std=0.0, blur_sigma=2.0, noise_sigma=1.0), "noise_sigma"),
+    (dict(consistency="off", sigma=2.0), "sigma"),
+    (dict(consistency="off", kernel_size=3), "kernel_size"),
+    (dict(batching="sequential", compute_batch=2), "compute_batch"),
+    (dict(batching="map", compute_batch=2), "compute_batch")])
+def test_config_refuses_a_setting_that_nothing_reads(settings, field):
+  with pytest.raises(ValueError, match=f"`{field}` .* has no effect"):
+    PerturbConfig(**settings)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(parameterization="region", max_regions=8), dict(parameterization="lowres", lowres_stride=4),
+    dict(parameterization="guided", lowres_stride=4), dict(noise_sigma=1.0),
+    dict(consistency="coalition", sigma=2.0, kernel_size=3), dict(batching="dense", compute_batch=2),
+    dict(batching="auto", compute_batch=2), dict(consistency="off", lowres_stride=8)])
+def test_config_accepts_each_setting_where_it_is_read(settings):
+  assert all(getattr(PerturbConfig(**settings), k) == v for k, v in settings.items())
