@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax import (Classifier, ExplainConfig, baselines, evaluation, explain, metrics,
-                     perturb)
+from pfc_jax import Classifier
 from pfc_jax.classifier import check_classifier
+from entry_points import classifier_entry_points
 from test_baselines import colour_apply, colour_classifier, colour_features, colour_images
 
 
@@ -61,18 +61,8 @@ def _wrapped(kind: str) -> Classifier:
 def _entry_points():
   """`{name: fn(classifier)}` for every public entry point that runs a classifier."""
   images = colour_images()[0]
-  target, saliency, key = np.zeros(2, np.int32), np.ones((2, 16, 16), np.float32), jax.random.key(0)
-  calls = {
-      "explain": lambda c: explain(c, images, key, ExplainConfig.preset("tiny")),
-      "perturb": lambda c: perturb(c, images, np.zeros((2, 16, 16), np.int32), key),
-      "evaluate": lambda c: evaluation.evaluate(c, images, evaluation.EvaluationConfig(
-          methods=("gradcam",), preset="tiny", curve_steps=2), progress=False),
-  }
-  calls.update({f"baselines.{name}": (lambda c, method=method: method(c, images, target, key))
-                for name, method in baselines.METHODS.items()})
-  for name in ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road"):
-    calls[f"metrics.{name}"] = lambda c, fn=getattr(metrics, name): fn(c, images, saliency, target)
-  return calls
+  return {name: (lambda c, fn=fn: fn(c, images))
+          for name, fn in classifier_entry_points().items()}
 
 
 @pytest.mark.parametrize("name", sorted(_entry_points()))

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax import ExplainConfig, baselines, evaluation, explain, extract_coalitions, metrics, perturb, viz
+from pfc_jax import baselines, extract_coalitions, metrics, viz
 from pfc_jax._inputs import check_image, check_images, per_image_keys
 from pfc_jax.coalitions import CoalitionConfig
+from entry_points import classifier_entry_points
 from test_baselines import colour_classifier, colour_images
 
 
@@ -46,17 +47,12 @@ def _image_functions():
   calls = {
       "viz.overlay": lambda x: viz.overlay(x[0], saliency[0]),
       "viz.panel": lambda x: viz.panel(x[0], np.zeros((16, 16), np.int32), saliency[0]),
-      "explain": lambda x: explain(classifier, x, key, ExplainConfig.preset("tiny")),
-      "perturb": lambda x: perturb(classifier, x, np.zeros((2, 16, 16), np.int32), key),
       "extract_coalitions": lambda x: extract_coalitions(x, key, CoalitionConfig.tiny()),
-      "evaluate": lambda x: evaluation.evaluate(classifier, x, progress=False),
       "model_randomization": lambda x: metrics.model_randomization(
           baselines.gradcam, classifier, x, target, key),
   }
-  calls.update({f"baselines.{name}": (lambda x, method=method: method(classifier, x, target, key))
-                for name, method in baselines.METHODS.items()})
-  for name in ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road"):
-    calls[f"metrics.{name}"] = lambda x, fn=getattr(metrics, name): fn(classifier, x, saliency, target)
+  calls.update({name: (lambda x, fn=fn: fn(classifier, x))
+                for name, fn in classifier_entry_points().items()})
   return calls
 
 
