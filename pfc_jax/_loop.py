@@ -74,9 +74,11 @@ def check_driver(driver: str) -> None:
     raise ValueError(f"`driver` must be 'auto', 'compiled' or 'python', got {driver!r}.")
 
 
-def check_batching(batching: str, driver: str) -> None:
+def check_batching(batching: str, driver: str, compute_batch: int | None = None) -> None:
   """Raises ValueError unless `batching` is a `Batching` that `driver` can drive (`"map"` is one
-  compiled program, so it cannot take the Python driver). Starts no JAX backend."""
+  compiled program, so it cannot take the Python driver) and `compute_batch` is None or a
+  positive int under a layout that reads it ("dense", or "auto", dense on accelerators).
+  Starts no JAX backend."""
   if batching not in BATCHINGS:
     raise ValueError(f"`batching` must be one of {BATCHINGS}, got {batching!r}.")
   check_driver(driver)
@@ -84,6 +86,13 @@ def check_batching(batching: str, driver: str) -> None:
     raise ValueError(
         "`batching='map'` runs one compiled program and cannot take `driver='python'`; use "
         "driver 'auto' or 'compiled', or batching 'sequential'.")
+  if compute_batch is None:
+    return
+  if not isinstance(compute_batch, int) or isinstance(compute_batch, bool) or compute_batch < 1:
+    raise ValueError(f"`compute_batch` must be None or a positive int, got {compute_batch!r}.")
+  if batching not in ("dense", "auto"):
+    raise ValueError(f"`compute_batch` = {compute_batch!r} has no effect under batching "
+                     f"{batching!r} (only \"dense\" reads it); leave it at its default None.")
 
 
 def resolve_driver(driver: Driver) -> Literal["compiled", "python"]:

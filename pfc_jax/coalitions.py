@@ -121,12 +121,7 @@ class CoalitionConfig:
     if self.resolution is not None and self.resolution < _MIN_SIZE:
       raise ValueError(
           f"`resolution` must be None or at least {_MIN_SIZE}, got {self.resolution}.")
-    if self.compute_batch is not None and (
-        not isinstance(self.compute_batch, int) or isinstance(self.compute_batch, bool)
-        or self.compute_batch < 1):
-      raise ValueError(f"`compute_batch` must be None or a positive int, got "
-                       f"{self.compute_batch!r}.")
-    _loop.check_batching(self.batching, self.driver)
+    _loop.check_batching(self.batching, self.driver, self.compute_batch)
     _precision.check_precision(self.precision)
 
   def layout(self) -> _loop.Layout:

@@ -266,12 +266,7 @@ class PerturbConfig:
       raise ValueError(
           f"`noise_chunk` must be None or a positive divisor of noise_samples="
           f"{self.noise_samples}, got {self.noise_chunk!r}.")
-    if self.compute_batch is not None and (
-        not isinstance(self.compute_batch, int) or isinstance(self.compute_batch, bool)
-        or self.compute_batch < 1):
-      raise ValueError(f"`compute_batch` must be None or a positive int, got "
-                       f"{self.compute_batch!r}.")
-    _loop.check_batching(self.batching, self.driver)
+    _loop.check_batching(self.batching, self.driver, self.compute_batch)
     _precision.check_precision(self.precision)
     self._refuse_unread_settings()
 
@@ -286,8 +281,6 @@ class PerturbConfig:
         "noise_sigma": (self.noise_std == 0, "noise_std 0 (no noise to correlate)"),
         "sigma": (self.consistency == "off", "consistency \"off\""),
         "kernel_size": (self.consistency == "off", "consistency \"off\""),
-        "compute_batch": (self.batching not in ("dense", "auto"),
-                          f"batching {self.batching!r} (only \"dense\" reads it)"),
     }
     defaults = {field.name: field.default for field in dataclasses.fields(self)}
     for name, (ignored, reason) in unread.items():

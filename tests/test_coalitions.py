@@ -215,3 +215,9 @@ def test_bad_key_and_vgg_params_raise():
 def test_bad_config_raises(overrides, field):
   with pytest.raises(ValueError, match=field):
     CoalitionConfig(**overrides)
+
+
+def test_config_refuses_a_compute_batch_that_no_layout_reads():
+  with pytest.raises(ValueError, match="`compute_batch` = 2 has no effect under batching 'map'"):
+    CoalitionConfig(batching="map", compute_batch=2)
+  assert CoalitionConfig(batching="dense", compute_batch=2).compute_batch == 2
