@@ -27,8 +27,11 @@ i's result is the same, to float32 equality, whatever else is in its batch, the 
 the device count (`tests/test_determinism.py`). `"dense"` keeps that guarantee for a fixed
 `compute_batch` (the compiled shape is the same, and an image's arithmetic is row-wise: a
 network's batch rows do not mix), whatever the batch size, the chunking, the device count and
-the image's row in its compute batch (`tests/test_dense.py`); other values of `compute_batch`
-compile another shape, whose float rounding may differ. Under `"vmap"` the compiled batch
+the image's row in its compute batch (`tests/test_dense.py`), as far as the backend rounds
+every row of a batch alike: for the perturbation's two games in one program XLA:CPU on an AMD
+EPYC rounds some rows differently by their position (6e-8 on w after 20 steps), so there the
+guarantee is float rounding. Other values of `compute_batch` compile another shape, whose
+float rounding may differ. Under `"vmap"` the compiled batch
 changes with the batch size, and so may the float rounding of each image's result.
 
 A step is a module-level function `step(static, carry) -> (carry, out)`; `static` is hashable

@@ -165,8 +165,9 @@ class PerturbConfig:
       batches of `compute_batch`, each step ONE classifier call on every image's perturbed
       images, of both games with `with_preservation_game`) or "auto" (sequential on CPU, dense
       elsewhere). Under "sequential" and "map", and under "dense" for a given
-      `compute_batch`, an image's result does not depend on its batch, to float32 equality;
-      under "vmap" up to float rounding. Default "auto".
+      `compute_batch` with one game, an image's result does not depend on its batch, to
+      float32 equality; under "dense" with both games in one program and under "vmap", up to
+      float rounding (`pfc_jax._loop`). Default "auto".
     compute_batch: "dense" (or "auto" on an accelerator) only: images per compiled step, so
       each step classifies `compute_batch x noise_samples x (1 + with deletion term +
       with_preservation_game)` perturbed images; a short last batch is padded (repeating its

@@ -1,8 +1,11 @@
 """The "dense" layout (`pfc_jax._loop`): compute batches of a fixed `compute_batch` images, each
 step one program over all of them.
 
-- An image's result does not depend on its batch for a given `compute_batch`: to float32
-  equality alone (padded), in a batch, at any row, in a padded last batch, and on either driver.
+- An image's result does not depend on its batch for a given `compute_batch`: alone (padded),
+  in a batch, at any row, in a padded last batch, and on either driver, to float32 equality
+  with one game, and to `_ATOL` with both games in one program: XLA:CPU may round an image's
+  rows differently by where they fall in the step's batch (seen on an AMD EPYC: 45 of 768
+  values of w 6e-8 apart after 20 steps; equal on another x86 CPU).
 - Against "sequential" (the one-image program) it agrees to `_ATOL`: the classifier's batch of
   B x S x games rows instead of S rows changes how XLA blocks the convolutions and products, so
   the float rounding of each step differs by about one unit in the last place of float32
@@ -43,18 +46,25 @@ def _dense(config, driver: str, compute_batch: int = 2):
   return dataclasses.replace(config, batching="dense", driver=driver, compute_batch=compute_batch)
 
 
+def _assert_close(batched, single, row):
+  for name, value in single._asdict().items():
+    np.testing.assert_allclose(np.asarray(getattr(batched, name))[row], np.asarray(value)[0],
+                               atol=_ATOL, rtol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("config, driver", [(PERTURB, "python"), (TWO_GAMES, "compiled")],
                          ids=["noise-python", "two_games-compiled"])
 def test_perturbation_does_not_depend_on_the_batch(config, driver):
   classifier, images, _ = fixture()
   keys = jax.random.split(jax.random.key(0), 3)
   config = _dense(config, driver)
+  same = _assert_same if not config.with_preservation_game else _assert_close
   together = perturb(classifier, images, _labels(), keys, config)  # Batches [0, 1], [2, 2].
   for row in (1, 2):  # Row 1 of a full batch, row 0 of the padded one; alone: row 0, padded.
     alone = perturb(classifier, images[row:row + 1], _labels(1), keys[row:row + 1], config)
-    _assert_same(together, alone, row)
+    same(together, alone, row)
   pair = perturb(classifier, images[1:], _labels(2), keys[1:], config)  # Image 1 at row 0.
-  _assert_same(together, jax.tree.map(lambda x: x[:1], pair), 1)
+  same(together, jax.tree.map(lambda x: x[:1], pair), 1)
   w = np.asarray(together.w)
   assert w.min() < 0.5 * w.max()  # The objective held some pixels back.
 
@@ -91,7 +101,8 @@ def test_two_games_in_one_program_equal_two_runs():
   np.testing.assert_allclose(
       both.saliency, (normalized(np.asarray(dual.saliency))
                       + normalized(np.asarray(preservation.saliency))) / 2, atol=_ATOL)
-  np.testing.assert_allclose(both.losses, (dual.losses + preservation.losses) / 2, atol=_ATOL)
+  np.testing.assert_allclose(both.losses, (dual.losses + preservation.losses) / 2, atol=_ATOL,
+                             rtol=1e-5)
   assert np.abs(np.asarray(dual.w) - np.asarray(preservation.w)).max() > 1e-2  # Two games.
 
 
