@@ -68,7 +68,7 @@ import tqdm
 import pfc_jax
 from pfc_jax import io, parallel, prefetch, sources
 from pfc_jax.classifier import check_classifier
-from pfc_jax.explain import ExplainConfig
+from pfc_jax.explain import DEFAULT_PRESET, ExplainConfig
 from pfc_jax.sources import BadItemError
 
 _FORMAT_VERSION = 3  # 3: manifests record the inputs' identity ("items").
@@ -168,7 +168,8 @@ def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, A
                        if key != _ITEMS and (key != _VERSION or _VERSION in stored_manifest)}
   stored, wanted = _flatten(checked(stored_manifest)), _flatten(checked(manifest))
   differences = [f"{key}: {stored.get(key, '<missing>')!r} there, {wanted.get(key, '<missing>')!r} now"
-                 for key in sorted(set(stored) | set(wanted))
+                 for key in sorted(set(stored) | set(wanted),
+                                   key=lambda key: (not key.startswith("settings."), key))
                  if key not in _UNCHECKED and stored.get(key) != wanted.get(key)]
   changes = []
   if _ITEMS in stored_manifest:
@@ -475,7 +476,7 @@ def _prepare(out_dir: Path, manifest: dict[str, Any], source,
   return [i for i in range(num_items) if i not in saved.done], saved.failures
 
 
-def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = ExplainConfig(),
+def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig | None = None,
             chunk_size: int | None = None, seed: int = 0, settings: dict[str, Any] | None = None,
             vgg_params: Any = None, mesh=None, progress: bool = True,
             exit_on_signal: bool = False, timings: prefetch.Timings | None = None) -> JobSummary:
@@ -486,7 +487,7 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
       `identity()`, `item_id(i)` and `size` (`sources.ImageFolderSource`, `sources.TfdsSource`).
     classifier: The `Classifier` to explain.
     out_dir: Output folder, created if missing.
-    config: Explanation settings.
+    config: Explanation settings; default `ExplainConfig.preset("fast")`.
     chunk_size: Images explained together, over every device, and saved together; default
       `default_chunk_size(mesh)` (one image per device on the CPU, 64 on GPU and TPU). May
       differ between runs of a job; it changes neither the results nor what is kept.
@@ -521,6 +522,7 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig = 
     raise ValueError(f"`chunk_size` must be at least 1, got {chunk_size}.")
   out_dir = Path(out_dir)
   writer = jax.process_index() == 0
+  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
   manifest = build_manifest(source, config, chunk_size, seed, settings or {})
   state = _Progress(out_dir, len(source))
   with contextlib.ExitStack() as stack:

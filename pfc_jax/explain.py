@@ -19,6 +19,9 @@ from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.perturbation import PerturbConfig, perturb, perturb_sweep
 
 PRESETS = ("paper", "full", "fast", "tiny")
+# The preset of `explain`, `parallel.explain_sharded` and `batch.run_job` called without a config
+# (the command line's default too); `ExplainConfig()` itself is the "paper" preset.
+DEFAULT_PRESET = "fast"
 
 # The perturbation of "fast" and "full", chosen on the tuning split (docs/faithfulness.md): w
 # smooth inside each coalition (`guided`), a covered pixel blurred (10 px, no noise, so one
@@ -129,15 +132,17 @@ def stage_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _coalitions_and_perturb_keys(classifier, images, key, config: ExplainConfig, vgg_params: Any):
+  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
   if not isinstance(config, ExplainConfig):
     raise ValueError(f"`config` must be an ExplainConfig, got {type(config).__name__}.")
   images = _inputs.check_images(images)
   check_classifier(classifier, images)  # Before the coalition stage, which does not use it.
   coalition_keys, perturb_keys = stage_keys(_inputs.per_image_keys(key, images.shape[0]))
-  return images, extract_coalitions(images, coalition_keys, config.coalitions, vgg_params), perturb_keys
+  return (config, images, extract_coalitions(images, coalition_keys, config.coalitions, vgg_params),
+          perturb_keys)
 
 
-def explain(classifier: Classifier, images, key, config: ExplainConfig = ExplainConfig(),
+def explain(classifier: Classifier, images, key, config: ExplainConfig | None = None,
             vgg_params: Any = None) -> Explanation:
   """Explains each image's predicted class with PFC.
 
@@ -148,7 +153,7 @@ def explain(classifier: Classifier, images, key, config: ExplainConfig = Explain
     classifier: The model explained.
     images: `[B, H, W, 3] float32` RGB in [0, 1].
     key: One PRNG key (split into B per-image keys) or `[B]` keys.
-    config: Both stages' settings, e.g. `ExplainConfig.preset("fast")`.
+    config: Both stages' settings; default `ExplainConfig.preset(DEFAULT_PRESET)` ("fast").
     vgg_params: VGG16 variables, needed with `config.coalitions.init == "vgg16"`.
 
   Returns:
@@ -158,7 +163,7 @@ def explain(classifier: Classifier, images, key, config: ExplainConfig = Explain
     ValueError: for malformed images, key, config or vgg_params, or a classifier whose
       `apply_fn` does not return logits `[B, C]` (`pfc_jax.classifier.check_classifier`).
   """
-  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
+  config, images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
       classifier, images, key, config, vgg_params)
   result = perturb(classifier, images, coalitions.labels, perturb_keys, config.perturb)
   return Explanation(saliency=result.saliency, labels=coalitions.labels,
@@ -185,7 +190,7 @@ def explain_sweep(classifier: Classifier, images, key, config: ExplainConfig,
   Raises:
     ValueError: for malformed inputs, config or settings.
   """
-  images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
+  config, images, coalitions, perturb_keys = _coalitions_and_perturb_keys(
       classifier, images, key, config, vgg_params)
   result = perturb_sweep(classifier, images, coalitions.labels, perturb_keys, config.perturb,
                          settings)

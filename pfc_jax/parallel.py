@@ -38,8 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pfc_jax import _loop
-from pfc_jax.explain import ExplainConfig, Explanation, explain
+from pfc_jax.explain import DEFAULT_PRESET, ExplainConfig, Explanation, explain
 
 DATA_AXIS = "data"
 
@@ -229,7 +228,7 @@ def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = N
       processes, this process's rows (`process_slice`) of a global batch whose size is a
       multiple of the device count.
     keys: `[B, 2] uint32` raw keys (`image_keys`) or `[B]` typed keys, one per image.
-    config: `ExplainConfig`; default `ExplainConfig()`.
+    config: `ExplainConfig`; default `ExplainConfig.preset("fast")` (`DEFAULT_PRESET`).
     mesh: The data mesh; default `data_mesh()`.
     vgg_params: VGG16 parameters for the coalition network's `init="vgg16"`.
 
@@ -237,7 +236,7 @@ def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = N
     An `Explanation` with NumPy fields: `B` rows on one process, the whole global batch on
     every process otherwise.
   """
-  config = ExplainConfig() if config is None else config
+  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
   mesh = data_mesh() if mesh is None else mesh
   if mesh.size == 1:
     return jax.device_get(explain(classifier, images, keys, config, vgg_params))

@@ -1,6 +1,7 @@
 """The composed pipeline: presets, shapes and contracts of `explain`."""
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,19 @@ def test_explain_tiny_end_to_end():
     np.testing.assert_array_equal(a, b)
   other = explain(classifier, images, jax.random.key(1), config)
   assert not np.array_equal(other.labels, result.labels)
+
+
+def test_explain_without_a_config_uses_the_default_preset(monkeypatch):
+  """`explain(classifier, images, key)` runs `DEFAULT_PRESET` ("fast", the recommended one),
+  not the dataclass defaults (the "paper" preset, hours per photo on a CPU)."""
+  explain_module = importlib.import_module("pfc_jax.explain")  # `pfc_jax.explain` is the function.
+  assert explain_module.DEFAULT_PRESET == "fast"
+  monkeypatch.setattr(explain_module, "DEFAULT_PRESET", "tiny")  # The same path, cheaper.
+  classifier, images = _classifier(), _images()
+  default = explain(classifier, images, jax.random.key(0))
+  tiny = explain(classifier, images, jax.random.key(0), ExplainConfig.preset("tiny"))
+  for a, b in zip(default, tiny):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_explain_with_new_sweepable_values_compiles_nothing():

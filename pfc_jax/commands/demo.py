@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
   classifier = models.classifier(MODEL, weights.load(MODEL))
   class_names = models.class_names(MODEL)
 
+  print(f"Explaining {args.num_images} generated images with {MODEL} and preset {args.preset} "
+        "(the first call compiles)...", flush=True)
   start = time.perf_counter()
   result = jax.device_get(explain(classifier, bench.images, jax.random.key(args.seed), config))
   seconds = time.perf_counter() - start
