@@ -305,3 +305,20 @@ def test_image_size_defaults_to_the_models_own(tmp_path, capsys):
   assert io.read_results(tmp_path / "out")["img00"]["saliency"].shape == (64, 64)
   assert run_batch_command([*args, "--out", str(tmp_path / "bad"), "--image-size", "4"]) == 2
   assert "`--image-size` must be at least 8" in capsys.readouterr().err
+
+
+def test_a_refused_resume_names_the_settings_before_the_config(tmp_path):
+  """Another preset changes many config fields: the preset, the likeliest cause, comes first."""
+  _write_images(tmp_path / "in", 1)
+  source = sources.ImageFolderSource(tmp_path / "in", 16)
+  settings = {"model": "shapes_cnn", "weights": None}
+  stored = batch.build_manifest(source, ExplainConfig.preset("tiny"), 1, 0,
+                                {**settings, "preset": "tiny"})
+  io.write_json(tmp_path / io.MANIFEST_NAME, stored)
+  wanted = batch.build_manifest(source, ExplainConfig.preset("fast"), 1, 0,
+                                {**settings, "preset": "fast"})
+  with pytest.raises(ValueError) as refused:
+    batch.check_manifest(tmp_path, wanted)
+  message = str(refused.value)
+  assert "config." in message
+  assert message.index("settings.preset: 'tiny' there, 'fast' now") < message.index("config.")
