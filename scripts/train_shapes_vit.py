@@ -10,7 +10,9 @@ Usage (from the repository root):
   python scripts/train_shapes_vit.py --out pfc_jax/assets/shapes_vit.safetensors
 
 Measured with the defaults (jax 0.10.2, 2 CPU cores shared with other jobs): test accuracy
-TBD on 1000 held-out images, TBD wall clock, TBD of CPU time (user).
+0.991 on 1000 held-out images (0.890 after the first of the 3 epochs, 0.980 after the second),
+13 min 11 s wall clock, 8 min 36 s of CPU time (user; 3 min 29 s system); 184k parameters,
+743 KB of weights.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ from pfc_jax.baselines.attention_rollout import rollout
 from pfc_jax.benchmarks import shapes
 from pfc_jax.models import vit
 
-# `scripts/train_shapes_vit.py` measured 0.9xx on the 1000 held-out images of seed 1; the first
-# 200 of them are a fixed sample, so the threshold only has to allow for another platform's
-# rounding: 0.95 is more than three binomial standard deviations (0.01 at 200 images) below.
+# `scripts/train_shapes_vit.py` measured 0.991 on the 1000 held-out images of seed 1, and the
+# shipped weights classify 0.990 of their first 200 (198). Those 200 are fixed, so the threshold
+# only allows for another platform's rounding moving a few borderline images: 0.95 is 8 images
+# of 200 more than measured, and above the 0.94 that a classifier of 0.97 (the script's
+# --min-accuracy) would reach on 200 images at three binomial standard deviations (0.012) low.
 MIN_ACCURACY = 0.95
 
 
@@ -89,7 +91,7 @@ def test_gradcam_and_attention_rollout_on_the_shipped_model():
   # Rollout follows the attention, whatever the class.
   other = baselines.attention_rollout(classifier, bench.images, (target + 1) % 4)
   np.testing.assert_allclose(other, saliency)
-  with pytest.raises(ValueError, match="64 patch tokens make no grid"):
+  with pytest.raises(ValueError, match="63 patch tokens make no grid"):
     baselines.attention_rollout(classifier, bench.images, target, None,
                                 baselines.AttentionRolloutConfig(prefix_tokens=1))
 
