@@ -14,11 +14,9 @@ from pfc_jax.baselines.attention_rollout import rollout
 from pfc_jax.benchmarks import shapes
 from pfc_jax.models import vit
 
-# `scripts/train_shapes_vit.py` measured 0.991 on the 1000 held-out images of seed 1, and the
-# shipped weights classify 0.990 of their first 200 (198). Those 200 are fixed, so the threshold
-# only allows for another platform's rounding moving a few borderline images: 0.95 is 8 images
-# of 200 more than measured, and above the 0.94 that a classifier of 0.97 (the script's
-# --min-accuracy) would reach on 200 images at three binomial standard deviations (0.012) low.
+# `scripts/train_shapes_vit.py` measured 0.991 on the 1000 held-out images of seed 1; the shipped
+# weights classify 198 of their first 200 (0.990). The images are fixed, so the threshold allows
+# only for another platform's rounding moving borderline images: 8 more errors than measured.
 MIN_ACCURACY = 0.95
 
 
