@@ -560,8 +560,8 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
         f"`classifier` lacks what {', '.join(inapplicable)} read: " + "; ".join(
             f"{name} needs {' and '.join(baselines.CLASSIFIER_FIELDS[kinds[name]])}"
             for name in inapplicable)
-        + " (attention_fn: a transformer's attention weights, e.g. models.classifier("
-        "'shapes_vit', ...)). Leave those methods out.")
+        + ". Leave those methods out, or give the classifier those functions (pfc_jax.Classifier's "
+        "fields; a transformer's attention_fn comes with models.classifier('shapes_vit', ...)).")
   if masks is not None:
     masks = np.asarray(masks)
     if masks.shape != images.shape[:3] or masks.dtype != bool:

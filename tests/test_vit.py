@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax import baselines, cli, evaluation, metrics, models, weights
+from pfc_jax import baselines, cli, evaluation, models, weights
 from pfc_jax.baselines.attention_rollout import rollout
 from pfc_jax.benchmarks import shapes
 from pfc_jax.models import vit

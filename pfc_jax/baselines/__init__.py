@@ -58,6 +58,7 @@ def applicable(name: str, classifier: Classifier) -> bool:
     raise ValueError(f"Unknown method `name` {name!r}; choose from {sorted(METHODS)}.")
   return all(getattr(classifier, field) is not None for field in CLASSIFIER_FIELDS.get(name, ()))
 
+
 __all__ = [
     "METHODS", "CLASSIFIER_FIELDS", "applicable",
     "GradCAMConfig", "gradcam",

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 from pfc_jax.benchmarks.shapes import CLASS_NAMES
 from pfc_jax.models.shapes_cnn import MEAN, STD  # The same input normalisation as the CNN.
 
+__all__ = ["MEAN", "STD", "ShapesViT"]
+
 
 class _Block(nn.Module):
   """One pre-norm transformer block; returns the new tokens and its attention weights."""
