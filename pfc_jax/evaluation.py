@@ -591,13 +591,24 @@ def evaluate(classifier: Classifier, images, config: EvaluationConfig | None = N
 
   Raises:
     ValueError: on bad inputs (a classifier whose `apply_fn` does not return logits `[B, C]`
-      included: `pfc_jax.classifier.check_classifier`), or a records file or maps folder
-      written with other settings.
+      included: `pfc_jax.classifier.check_classifier`), a method that does not apply to the
+      classifier (`pfc_jax.baselines.applicable`: attention rollout on a CNN), or a records
+      file or maps folder written with other settings.
   """
   config = EvaluationConfig() if config is None else config
   images = check_images(images)
   count = images.shape[0]
   check_classifier(classifier, images[:config.batch_size])  # The shape of a batch.
+  kinds = {name: method_spec(name, config.preset)[0] for name in config.methods}
+  inapplicable = [name for name, kind in kinds.items()
+                  if kind in baselines.METHODS and not baselines.applicable(kind, classifier)]
+  if inapplicable:
+    raise ValueError(
+        f"`classifier` lacks what {', '.join(inapplicable)} read: " + "; ".join(
+            f"{name} needs {' and '.join(baselines.CLASSIFIER_FIELDS[kinds[name]])}"
+            for name in inapplicable)
+        + ". Leave those methods out, or give the classifier those functions (pfc_jax.Classifier's "
+        "fields; a transformer's attention_fn comes with models.classifier('shapes_vit', ...)).")
   if masks is not None:
     masks = np.asarray(masks)
     if masks.shape != images.shape[:3] or masks.dtype != bool:

@@ -65,9 +65,13 @@ LAYOUTS = {
     "vgg16": ("torchvision", "timm", "keras", "pfc-jax"),
     "squeezenet1_1": ("torchvision", "pfc-jax"),
     "shapes_cnn": ("pfc-jax",),
+    "shapes_vit": ("pfc-jax",),
 }
+# Models whose weights ship with pfc-jax, as package data under `pfc_jax/assets/`.
+PACKAGED = {"shapes_cnn": "assets/shapes_cnn.safetensors",
+            "shapes_vit": "assets/shapes_vit.safetensors"}
 
-__all__ = ["CACHE_ENV", "LAYOUTS", "VGG16_TIMM_SHA256", "cache_dir", "load", "save"]
+__all__ = ["CACHE_ENV", "LAYOUTS", "PACKAGED", "VGG16_TIMM_SHA256", "cache_dir", "load", "save"]
 
 
 # --- Layout conversions ------------------------------------------------------------------------
@@ -431,7 +435,8 @@ def load(name: str, source: str | os.PathLike | None = None) -> dict:
     source: A weights file or orbax directory (layout detected from its suffix and keys), or
       None: vgg16 and squeezenet1_1 from the cache, downloaded and converted on first use
       (vgg16 from the Hugging Face hub, or torchvision's .pth with torch; squeezenet1_1 from
-      torchvision, needs torch); shapes_cnn from the weights packaged with pfc-jax.
+      torchvision, needs torch); shapes_cnn and shapes_vit from the weights packaged with
+      pfc-jax (`PACKAGED`).
 
   Returns:
     `{"params": ...}` numpy float32 arrays such that `models.module(name).apply(variables, x)`
@@ -446,8 +451,8 @@ def load(name: str, source: str | os.PathLike | None = None) -> dict:
   if name not in models.MODEL_NAMES:
     raise ValueError(f"Unknown model `name` {name!r}; choose from {models.MODEL_NAMES}.")
   if source is None:
-    if name == "shapes_cnn":
-      asset = importlib.resources.files("pfc_jax").joinpath("assets/shapes_cnn.safetensors")
+    if name in PACKAGED:
+      asset = importlib.resources.files("pfc_jax").joinpath(PACKAGED[name])
       with importlib.resources.as_file(asset) as path:
         return load(name, path)
     return _load_cached(name)

@@ -18,6 +18,7 @@ import functools
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +31,12 @@ from pfc_jax.models import shapes_cnn
 TRAIN_SEED, TEST_SEED = 0, 1
 
 
-def _logits(params, model: shapes_cnn.ShapesCNN, images01):
+def _logits(params, model: nn.Module, images01):
+  """Logits of a shapes model; both (`shapes_cnn`, `vit`) normalise with `shapes_cnn.MEAN`/`STD`."""
   return model.apply(params, data.normalize(images01, shapes_cnn.MEAN, shapes_cnn.STD))
 
 
-def _loss(params, model: shapes_cnn.ShapesCNN, images01, labels):
+def _loss(params, model: nn.Module, images01, labels):
   logits = _logits(params, model, images01)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -59,31 +61,41 @@ def accuracy(model, params, bench: shapes.ShapesData, batch_size: int = 250) -> 
   return float(np.mean(predictions == bench.labels))
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="pfc_jax/assets/shapes_cnn.safetensors")
-  parser.add_argument("--train-size", type=int, default=6000)
+def add_arguments(parser: argparse.ArgumentParser, out: str, epochs: int, learning_rate: float,
+                  min_accuracy: float, train_size: int = 6000) -> None:
+  """The command-line options of a shapes training script, with its defaults."""
+  parser.add_argument("--out", default=out)
+  parser.add_argument("--train-size", type=int, default=train_size)
   parser.add_argument("--test-size", type=int, default=1000)
   parser.add_argument("--size", type=int, default=64, help="Image size in pixels.")
-  parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--epochs", type=int, default=epochs)
   parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--learning-rate", type=float, default=2e-3)
+  parser.add_argument("--learning-rate", type=float, default=learning_rate)
   parser.add_argument("--seed", type=int, default=0, help="Initialisation and shuffling seed.")
-  parser.add_argument("--min-accuracy", type=float, default=0.95)
-  args = parser.parse_args(argv)
+  parser.add_argument("--min-accuracy", type=float, default=min_accuracy)
 
+
+def generate(args: argparse.Namespace) -> tuple[shapes.ShapesData, shapes.ShapesData]:
+  """The training set (seed `TRAIN_SEED`) and the held-out test set (seed `TEST_SEED`)."""
   start = time.perf_counter()
   train = shapes.generate(args.train_size, args.size, TRAIN_SEED)
   test = shapes.generate(args.test_size, args.size, TEST_SEED)
   print(f"generated {args.train_size} train / {args.test_size} test images "
         f"in {time.perf_counter() - start:.1f} s")
+  return train, test
 
-  model = shapes_cnn.ShapesCNN()
+
+def train_and_save(model, optimizer, train: shapes.ShapesData, test: shapes.ShapesData,
+                   args: argparse.Namespace, start: float) -> int:
+  """Trains `model` from `--seed` for `--epochs` over `train` in batches of `--batch-size`,
+  prints each epoch's loss and test accuracy, writes the variables to `--out`, and returns the
+  exit status: 1 when the final test accuracy is below `--min-accuracy`, else 0.
+
+  `model` and `optimizer` are static (hashable): the train step compiles once.
+  """
   init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
   params = model.init(init_key, jnp.zeros((1, args.size, args.size, 3)))
   steps_per_epoch = args.train_size // args.batch_size
-  schedule = optax.cosine_decay_schedule(args.learning_rate, args.epochs * steps_per_epoch)
-  optimizer = optax.adam(schedule)
   opt_state = optimizer.init(params)
 
   for epoch in range(args.epochs):
@@ -105,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
   weights.save(jax.device_get(params), args.out)
   print(f"wrote {args.out}")
   return 0 if test_accuracy >= args.min_accuracy else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_arguments(parser, "pfc_jax/assets/shapes_cnn.safetensors", epochs=5, learning_rate=2e-3,
+                min_accuracy=0.95)
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  train, test = generate(args)
+  steps_per_epoch = args.train_size // args.batch_size
+  schedule = optax.cosine_decay_schedule(args.learning_rate, args.epochs * steps_per_epoch)
+  return train_and_save(shapes_cnn.ShapesCNN(), optax.adam(schedule), train, test, args, start)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def results() -> dict[str, jax.Array]:
   target = jnp.argmax(classifier.logits(images), axis=-1).astype(jnp.int32)
   out = {f"explain/{name}": value for name, value in explanation._asdict().items()}
   for name, method in baselines.METHODS.items():
+    if not baselines.applicable(name, classifier):  # Attention rollout: transformers only.
+      continue
     out[name] = method(classifier, images, target, key, evaluation.TINY_BASELINES.get(name))
   saliency = out["gradcam"]  # Deterministic: the metrics' inputs are the same in every mode.
   for masked_value in metrics.MASKED_VALUES:

@@ -74,6 +74,7 @@ FAST_CONFIGS = {
     # Fade, not blur: blurring keeps this linear colour detector's mean redness.
     "extremal_perturbation": baselines.ExtremalPerturbationConfig(
         step=2, sigma=3.0, max_iter=20, perturbation="fade"),
+    "attention_rollout": None,
 }
 # Baselines on an optional extra's package: their tests here skip without it.
 OPTIONAL_PACKAGES = {"xrai": ("saliency.core", "xrai"), "lime": ("lime.lime_image", "lime"),
@@ -91,9 +92,13 @@ def run_baseline(name, *args):
 # Their segmentations cannot isolate a 5 px square on 16 px images (XRAI's regions are dilated
 # by 5 px and add at least 50 px); tests/test_groupwise_baselines.py checks them at 64 px.
 SEGMENT_METHODS = ("xrai", "lime", "lime_coalitions")
+# The methods that apply to the colour classifier: all but attention rollout, which needs a
+# transformer's attention weights (tests/test_vit.py runs it on the shapes ViT).
+COLOUR_METHODS = sorted(name for name in baselines.METHODS
+                        if baselines.applicable(name, colour_classifier()))
 
 
-@pytest.mark.parametrize("name", sorted(set(baselines.METHODS) - set(SEGMENT_METHODS)))
+@pytest.mark.parametrize("name", sorted(set(COLOUR_METHODS) - set(SEGMENT_METHODS)))
 def test_baseline_finds_the_evidence_region(name):
   classifier = colour_classifier()
   images, masks = colour_images()
@@ -252,7 +257,7 @@ def _degenerate_images(case: str) -> np.ndarray:
   raise ValueError(case)
 
 
-@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+@pytest.mark.parametrize("name", COLOUR_METHODS)
 @pytest.mark.parametrize("case", ["constant", "black", "white", "one_pixel_object", "smallest",
                                   "saturated_logits"])
 def test_degenerate_inputs_give_finite_maps(name, case):

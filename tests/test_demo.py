@@ -38,3 +38,14 @@ def test_demo_writes_panel_arrays_and_summary(tmp_path, capsys):
 def test_demo_rejects_zero_images(tmp_path, capsys):
   assert cli.main(["demo", "--out", str(tmp_path), "--num-images", "0"]) == 2
   assert "--num-images" in capsys.readouterr().err
+
+
+def test_demo_explains_the_vision_transformer(tmp_path):
+  out = tmp_path / "demo"
+  assert cli.main(["demo", "--out", str(out), "--model", "shapes_vit", "--num-images", "1",
+                   "--preset", "tiny"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["settings"]["model"] == "shapes_vit"
+  (record,) = summary["images"]
+  saliency = np.load(out / record["npz"])["saliency"]
+  assert saliency.shape == (64, 64) and np.isfinite(saliency).all()

@@ -6,6 +6,11 @@ important.
 `METHODS` maps the names that `pfc-jax evaluate --methods` accepts to the functions. PFC itself
 is `pfc_jax.explain`; `pfc_jax.evaluation` adds it and its ablations by name.
 
+Some methods read more of the classifier than its logits (`CLASSIFIER_FIELDS`, checked by
+`applicable`): Grad-CAM and Score-CAM its `features_fn`/`head_fn` split, attention rollout the
+attention weights of a transformer (`attention_fn`); on a classifier without them they raise
+ValueError, and `pfc_jax.evaluation.evaluate` refuses them before running anything.
+
 `xrai`, `lime` and `lime_coalitions` run on optional packages, imported when called: without
 them they raise ImportError naming the extra (`pip install 'pfc-jax[xrai]'`, `'pfc-jax[lime]'`).
 """
@@ -19,6 +24,7 @@ from pfc_jax.baselines.occlusion import OcclusionConfig, occlusion
 from pfc_jax.baselines.rise import RISEConfig, rise
 from pfc_jax.baselines.scorecam import ScoreCAMConfig, scorecam
 from pfc_jax.baselines.xrai import XRAIConfig, xrai
+from pfc_jax.classifier import Classifier
 
 METHODS = {
     "gradcam": gradcam,
@@ -30,10 +36,31 @@ METHODS = {
     "lime": lime,
     "lime_coalitions": lime_coalitions,
     "extremal_perturbation": extremal_perturbation,
+    "attention_rollout": attention_rollout,
+}
+# The `Classifier` fields each method reads beyond `apply_fn`; methods not named need none.
+CLASSIFIER_FIELDS = {
+    "gradcam": ("features_fn", "head_fn"),
+    "scorecam": ("features_fn", "head_fn"),
+    "attention_rollout": ("attention_fn",),
 }
 
+
+def applicable(name: str, classifier: Classifier) -> bool:
+  """Whether method `name` (a key of `METHODS`) can explain `classifier`: whether the classifier
+  has every field of `CLASSIFIER_FIELDS[name]` (attention rollout needs a transformer's
+  `attention_fn`; Grad-CAM and Score-CAM a `features_fn`/`head_fn` split).
+
+  Raises:
+    ValueError: for a `name` that is not a key of `METHODS`.
+  """
+  if name not in METHODS:
+    raise ValueError(f"Unknown method `name` {name!r}; choose from {sorted(METHODS)}.")
+  return all(getattr(classifier, field) is not None for field in CLASSIFIER_FIELDS.get(name, ()))
+
+
 __all__ = [
-    "METHODS",
+    "METHODS", "CLASSIFIER_FIELDS", "applicable",
     "GradCAMConfig", "gradcam",
     "ScoreCAMConfig", "scorecam",
     "IntegratedGradientsConfig", "integrated_gradients",

@@ -121,12 +121,13 @@ def attention_rollout(classifier: Classifier, images: jax.Array, target: jax.Arr
     `[B, H, W] float32` saliency, >= 0.
 
   Raises:
-    ValueError: if the classifier lacks `attention_fn`, on bad images, on a `target` outside
-      the classifier's classes [0, C), or when the patch tokens make no grid over the image.
+    ValueError: on bad images, on a `target` outside the classifier's classes [0, C), if the
+      classifier lacks `attention_fn` (checked in this order), or when the patch tokens make no
+      grid over the image.
   """
   del key
   config = _common.check_config(config, AttentionRolloutConfig)
-  check_attention(classifier, "attention rollout")
   images = check_images(images)
   _common.check_target(target, classifier, images)
+  check_attention(classifier, "attention rollout")
   return _attention_rollout(config, classifier, images)

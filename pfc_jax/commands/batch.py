@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--model", required=True, choices=models.MODEL_NAMES, help="Classifier to explain.")
   parser.add_argument("--weights", metavar="FILE",
                       help="Weights file (.safetensors, .pth, .h5) or orbax directory; default: "
-                           "shapes_cnn's packaged weights, or the cached download of the others.")
+                           "the packaged weights of shapes_cnn and shapes_vit, or the cached "
+                           "download of the others.")
   parser.add_argument("--preset", default="fast", choices=PRESETS, help="ExplainConfig preset.")
   parser.add_argument("--image-size", type=int,
                       help="Side of the square input in pixels, at least 8; default: the "

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
                       help="Classifier to explain.")
   parser.add_argument("--weights", metavar="FILE",
                       help="Weights file (.safetensors, .pth, .h5) or orbax directory; default: "
-                           "shapes_cnn's packaged weights, or the cached download of the others.")
+                           "the packaged weights of shapes_cnn and shapes_vit, or the cached "
+                           "download of the others.")
   parser.add_argument("--preset", default="fast", choices=PRESETS, help="ExplainConfig preset.")
   parser.add_argument("--seed", type=int, default=0,
                       help="Image i (in command-line order) gets fold_in(PRNGKey(seed), i).")

@@ -19,7 +19,7 @@ from pfc_jax.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from pfc_jax.models.squeezenet import SqueezeNet1_1
 from pfc_jax.models.vgg import VGG16
 
-MODEL_NAMES = ("vgg16", "squeezenet1_1", "shapes_cnn")
+MODEL_NAMES = ("vgg16", "squeezenet1_1", "shapes_cnn", "shapes_vit")
 PREPROCESSING = "preprocessing"  # Variables collection holding a non-default input convention.
 
 __all__ = ["MODEL_NAMES", "PREPROCESSING", "SqueezeNet1_1", "VGG16", "class_names", "classifier",
@@ -42,6 +42,9 @@ def _spec(name: str) -> _Spec:
   if name == "shapes_cnn":
     from pfc_jax.models import shapes_cnn  # pylint: disable=import-outside-toplevel
     return _Spec(shapes_cnn.ShapesCNN(), shapes_cnn.MEAN, shapes_cnn.STD, 64)
+  if name == "shapes_vit":
+    from pfc_jax.models import vit  # pylint: disable=import-outside-toplevel
+    return _Spec(vit.ShapesViT(), vit.MEAN, vit.STD, 64)
   raise ValueError(f"Unknown model {name!r}; choose from {MODEL_NAMES}.")
 
 
@@ -59,20 +62,24 @@ class _Functions(NamedTuple):
   apply: Any
   features: Any
   head: Any
+  attention: Any  # None for models without attention (the CNNs).
 
 
 @functools.cache
 def _functions(name: str) -> _Functions:
-  """`apply`, `features` and `head` of model `name`, one object each per process.
+  """`apply`, `features`, `head` and, for transformers, `attention` of model `name`, one
+  object each per process.
 
   `Classifier` keeps these as static fields, so two classifiers of the same model share one
   compilation.
   """
   model = module(name)
+  attention = getattr(type(model), "attention", None)
   return _Functions(
       model.apply,
       functools.partial(model.apply, method=type(model).features),
-      functools.partial(model.apply, method=type(model).head))
+      functools.partial(model.apply, method=type(model).head),
+      functools.partial(model.apply, method=attention) if attention is not None else None)
 
 
 def classifier(name: str, params: Any) -> Classifier:
@@ -87,8 +94,9 @@ def classifier(name: str, params: Any) -> Classifier:
     params: The model's variables, `{"params": ...}` and optionally `"preprocessing"`.
 
   Returns:
-    A Classifier with `apply_fn`, `features_fn` and `head_fn` filled in; classifiers of the
-    same model share these functions, hence their jit compilations.
+    A Classifier with `apply_fn`, `features_fn` and `head_fn` filled in, and `attention_fn`
+    for shapes_vit; classifiers of the same model share these functions, hence their jit
+    compilations.
   """
   spec = _spec(name)
   functions = _functions(name)
@@ -100,7 +108,8 @@ def classifier(name: str, params: Any) -> Classifier:
     std = tuple(np.asarray(convention["std"]).tolist())
     bgr = bool(np.asarray(convention["bgr"]))
   return Classifier(functions.apply, variables, mean=mean, std=std, bgr=bgr,
-                    features_fn=functions.features, head_fn=functions.head)
+                    features_fn=functions.features, head_fn=functions.head,
+                    attention_fn=functions.attention)
 
 
 @functools.cache
@@ -114,7 +123,7 @@ def class_names(name: str) -> list[str]:
   """Class names of built-in model `name`, indexed by logit (ImageNet-1k's for vgg16)."""
   if name in ("vgg16", "squeezenet1_1"):
     return list(_imagenet_class_names())
-  if name == "shapes_cnn":
-    from pfc_jax.models import shapes_cnn  # pylint: disable=import-outside-toplevel
-    return list(shapes_cnn.CLASS_NAMES)
+  if name in ("shapes_cnn", "shapes_vit"):
+    from pfc_jax.benchmarks import shapes  # pylint: disable=import-outside-toplevel
+    return list(shapes.CLASS_NAMES)
   raise ValueError(f"Unknown model {name!r}; choose from {MODEL_NAMES}.")
