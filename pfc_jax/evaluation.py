@@ -140,6 +140,8 @@ def preset_config(name: str) -> ExplainConfig:
   if name not in EXPLAIN_PRESETS:
     raise ValueError(f"Unknown preset {name!r}; choose from {PRESETS}.")
   return ExplainConfig.preset(name)
+
+
 # Baseline configs of the "tiny" preset (tests and smoke runs); other presets use the defaults.
 TINY_BASELINES = {
     "integrated_gradients": baselines.IntegratedGradientsConfig(num_steps=4, chunk_size=4),
