@@ -68,7 +68,7 @@ import tqdm
 import pfc_jax
 from pfc_jax import io, parallel, prefetch, sources
 from pfc_jax.classifier import check_classifier
-from pfc_jax.explain import DEFAULT_PRESET, ExplainConfig
+from pfc_jax.explain import ExplainConfig, resolve_config
 from pfc_jax.sources import BadItemError
 
 _FORMAT_VERSION = 3  # 3: manifests record the inputs' identity ("items").
@@ -522,7 +522,7 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig | 
     raise ValueError(f"`chunk_size` must be at least 1, got {chunk_size}.")
   out_dir = Path(out_dir)
   writer = jax.process_index() == 0
-  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
+  config = resolve_config(config)
   manifest = build_manifest(source, config, chunk_size, seed, settings or {})
   state = _Progress(out_dir, len(source))
   with contextlib.ExitStack() as stack:

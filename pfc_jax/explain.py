@@ -19,7 +19,7 @@ from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.perturbation import PerturbConfig, perturb, perturb_sweep
 
 PRESETS = ("paper", "full", "fast", "tiny")
-# The preset of `explain`, `parallel.explain_sharded` and `batch.run_job` called without a config
+# The preset of `explain`, `parallel.sharded_explain` and `batch.run_job` called without a config
 # (the command line's default too); `ExplainConfig()` itself is the "paper" preset.
 DEFAULT_PRESET = "fast"
 
@@ -131,10 +131,21 @@ def stage_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys, stage) for stage in (0, 1))
 
 
-def _coalitions_and_perturb_keys(classifier, images, key, config: ExplainConfig, vgg_params: Any):
-  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
+def resolve_config(config: ExplainConfig | None) -> ExplainConfig:
+  """`config`, or `ExplainConfig.preset(DEFAULT_PRESET)` ("fast") for None.
+
+  Raises:
+    ValueError: when `config` is neither None nor an `ExplainConfig`.
+  """
+  if config is None:
+    return ExplainConfig.preset(DEFAULT_PRESET)
   if not isinstance(config, ExplainConfig):
     raise ValueError(f"`config` must be an ExplainConfig, got {type(config).__name__}.")
+  return config
+
+
+def _coalitions_and_perturb_keys(classifier, images, key, config: ExplainConfig, vgg_params: Any):
+  config = resolve_config(config)
   images = _inputs.check_images(images)
   check_classifier(classifier, images)  # Before the coalition stage, which does not use it.
   coalition_keys, perturb_keys = stage_keys(_inputs.per_image_keys(key, images.shape[0]))

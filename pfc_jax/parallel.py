@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pfc_jax.explain import DEFAULT_PRESET, ExplainConfig, Explanation, explain
+from pfc_jax.explain import Explanation, explain, resolve_config
 
 DATA_AXIS = "data"
 
@@ -236,7 +236,7 @@ def sharded_explain(classifier, images, keys, config=None, mesh: Mesh | None = N
     An `Explanation` with NumPy fields: `B` rows on one process, the whole global batch on
     every process otherwise.
   """
-  config = ExplainConfig.preset(DEFAULT_PRESET) if config is None else config
+  config = resolve_config(config)
   mesh = data_mesh() if mesh is None else mesh
   if mesh.size == 1:
     return jax.device_get(explain(classifier, images, keys, config, vgg_params))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from compilations import count_compilations
 from pfc_jax import Classifier
@@ -110,6 +111,28 @@ def test_explain_without_a_config_uses_the_default_preset(monkeypatch):
   tiny = explain(classifier, images, jax.random.key(0), ExplainConfig.preset("tiny"))
   for a, b in zip(default, tiny):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("entry", ["explain", "sharded_explain", "run_job"])
+def test_every_entry_point_refuses_a_config_that_is_not_an_explain_config(entry, tmp_path):
+  """`explain`, `parallel.sharded_explain` and `batch.run_job` resolve their config alike: a
+  `PerturbConfig` passed as the whole config is refused by name, before any work."""
+  from pfc_jax import batch, parallel, sources
+  classifier, images = _classifier(), _images()
+  calls = {
+      "explain": lambda: explain(classifier, images, jax.random.key(0), PerturbConfig()),
+      "sharded_explain": lambda: parallel.sharded_explain(
+          classifier, images, jax.random.split(jax.random.key(0), 2), PerturbConfig()),
+      "run_job": lambda: batch.run_job(sources.ImageFolderSource(tmp_path / "in", SIZE),
+                                       classifier, tmp_path / "out", config=PerturbConfig(),
+                                       progress=False),
+  }
+  (tmp_path / "in").mkdir()
+  for i, image in enumerate(np.asarray(images)):
+    Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "in" / f"{i}.png")
+  with pytest.raises(ValueError, match="must be an ExplainConfig, got PerturbConfig"):
+    calls[entry]()
+  assert not (tmp_path / "out").exists()
 
 
 def test_explain_with_new_sweepable_values_compiles_nothing():
