@@ -165,9 +165,11 @@ def test_objective_is_differentiable_in_its_arrays():
 
 
 def _square_apply(params, x):
-  """Class 0 holds while the energy of x inside the square stays below 0.1; class 1 is fixed."""
+  """Class 0 holds while the energy of x inside the square stays below 0.1; class 1 is fixed.
+  Both logits are shifted by 1, which the objective (differences, softmax) ignores, so that the
+  clean logits [2, 1] do not look like probabilities."""
   energy = (x**2 * params).sum(axis=(1, 2, 3)) / (3 * params.sum())
-  return jnp.stack([1.0 - 10.0 * energy, jnp.zeros_like(energy)], axis=-1)
+  return jnp.stack([2.0 - 10.0 * energy, jnp.ones_like(energy)], axis=-1)
 
 
 def test_saliency_is_high_only_where_the_classifier_looks():
@@ -188,9 +190,10 @@ def test_saliency_is_high_only_where_the_classifier_looks():
 
 
 def _either_square_apply(params, x):
-  """Class 0 holds while either of two squares (masks `params [2, H, W, 1]`) stays clean."""
+  """Class 0 holds while either of two squares (masks `params [2, H, W, 1]`) stays clean; logits
+  shifted by 1 as `_square_apply`'s."""
   energy = (x[None] ** 2 * params[:, None]).sum(axis=(2, 3, 4)) / (3 * params.sum(axis=(1, 2, 3)))[:, None]
-  return jnp.stack([1.0 - 10.0 * energy.min(axis=0), jnp.zeros(x.shape[:1])], axis=-1)
+  return jnp.stack([2.0 - 10.0 * energy.min(axis=0), jnp.ones(x.shape[:1])], axis=-1)
 
 
 @pytest.mark.parametrize("deletion_weight", [0.0, 10.0])
