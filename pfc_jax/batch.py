@@ -11,7 +11,8 @@ count or where a job was resumed.
 
 On resume a results file that is damaged (truncated, corrupt) is reported, removed and its
 images explained again. `manifest.json` records every setting that changes the results (and,
-for information, the first run's chunk size); a job with different settings is refused on an
+for information, the first run's chunk size and layout: `explain.EXECUTION_FIELDS`, which change
+how images are computed, not the results); a job with different settings is refused on an
 existing output folder. It also records what the inputs are (`source.identity()`: each image
 file's name, size and modification time; a tfds split's version and size), and a resume whose
 inputs changed since the job started (an item replaced, renamed, added or removed) is refused,
@@ -68,7 +69,7 @@ import tqdm
 import pfc_jax
 from pfc_jax import io, parallel, prefetch, sources
 from pfc_jax.classifier import check_classifier
-from pfc_jax.explain import ExplainConfig, resolve_config
+from pfc_jax.explain import EXECUTION_FIELDS, ExplainConfig, resolve_config
 from pfc_jax.sources import BadItemError
 
 _FORMAT_VERSION = 3  # 3: manifests record the inputs' identity ("items").
@@ -170,7 +171,8 @@ def check_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, A
   differences = [f"{key}: {stored.get(key, '<missing>')!r} there, {wanted.get(key, '<missing>')!r} now"
                  for key in sorted(set(stored) | set(wanted),
                                    key=lambda key: (not key.startswith("settings."), key))
-                 if key not in _UNCHECKED and stored.get(key) != wanted.get(key)]
+                 if key not in _UNCHECKED and key.rsplit(".", 1)[-1] not in EXECUTION_FIELDS
+                 and stored.get(key) != wanted.get(key)]
   changes = []
   if _ITEMS in stored_manifest:
     changes = sources.identity_changes(stored_manifest[_ITEMS], manifest[_ITEMS])

@@ -64,7 +64,8 @@ from pfc_jax._inputs import check_images, per_image_keys
 from pfc_jax.classifier import Classifier, check_classifier
 
 from pfc_jax.coalitions import CoalitionConfig
-from pfc_jax.explain import PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain, stage_keys
+from pfc_jax.explain import (EXECUTION_FIELDS, PRESETS as EXPLAIN_PRESETS, ExplainConfig, explain,
+                             stage_keys)
 from pfc_jax.perturbation import PerturbConfig, perturb
 
 DEFAULT_METHODS = ("pfc", "gradcam", "scorecam", "integrated_gradients", "occlusion", "rise")
@@ -295,11 +296,6 @@ def method_settings_id(name: str, preset: str) -> str:
   if not kind.startswith("pfc"):
     config = TINY_BASELINES.get(kind) if preset == "tiny" else None
   return fingerprint([kind, computed_settings(config) if config is not None else "default"])
-
-
-# Settings of how a config is run, not of what it computes: the same results under any value
-# (`pfc_jax._loop`), so records stay valid when they change.
-EXECUTION_FIELDS = ("driver", "batching", "compute_batch", "noise_chunk")
 
 
 def computed_settings(config: Any) -> dict[str, Any]:

@@ -19,6 +19,10 @@ from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.perturbation import PerturbConfig, perturb, perturb_sweep
 
 PRESETS = ("paper", "full", "fast", "tiny")
+# Settings of how a config is run, not of what it computes: the same results under any value, up
+# to float rounding (`pfc_jax._loop`), so evaluation records and batch jobs stay valid, and
+# resume, when they change.
+EXECUTION_FIELDS = ("driver", "batching", "compute_batch", "noise_chunk")
 # The preset of `explain`, `parallel.sharded_explain` and `batch.run_job` called without a config
 # (the command line's default too); `ExplainConfig()` itself is the "paper" preset.
 DEFAULT_PRESET = "fast"

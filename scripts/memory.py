@@ -35,7 +35,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pfc_jax import _loop, _precision, coalitions, models, perturbation
 from pfc_jax.evaluation import PRESETS, preset_config

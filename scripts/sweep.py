@@ -48,7 +48,7 @@ import numpy as np
 from pfc_jax import data, evaluation, metrics, models, weights
 from pfc_jax.benchmarks import shapes
 from pfc_jax.coalitions import extract_coalitions
-from pfc_jax.explain import ExplainConfig, stage_keys
+from pfc_jax.explain import stage_keys
 from pfc_jax.perturbation import PerturbConfig, perturb_sweep, saliency_map, sweep_settings
 
 SCORES = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",

@@ -113,6 +113,35 @@ def test_changed_settings_are_refused_naming_the_setting(tmp_path, capsys):
     batch.check_manifest(tmp_path / "out", changed)
 
 
+def test_the_layout_is_chosen_per_run_and_changes_neither_the_results_nor_the_manifest(tmp_path, capsys):
+  ids = _write_images(tmp_path / "in", 3)
+  common = ["--images", str(tmp_path / "in"), "--model", "shapes_cnn", "--preset", "tiny",
+            "--image-size", "16", "--no-progress"]
+  assert run_batch_command([*common, "--out", str(tmp_path / "seq"), "--batching", "sequential"]) == 0
+  # A job begun under one layout resumes under another: its manifest is that of the first run.
+  source = sources.ImageFolderSource(tmp_path / "in", 16)
+  manifest = batch.build_manifest(source, ExplainConfig.preset("tiny"), 3, 0,
+                                  {"model": "shapes_cnn", "weights": None, "preset": "tiny"})
+  (tmp_path / "dense").mkdir()
+  io.write_json(tmp_path / "dense" / io.MANIFEST_NAME, manifest)
+  assert run_batch_command([*common, "--out", str(tmp_path / "dense"), "--batching", "dense",
+                            "--compute-batch", "2"]) == 0
+  sequential, dense = io.read_results(tmp_path / "seq"), io.read_results(tmp_path / "dense")
+  assert list(sequential) == list(dense) == ids
+  for name in ids:
+    np.testing.assert_array_equal(dense[name]["labels"], sequential[name]["labels"])
+    np.testing.assert_allclose(dense[name]["saliency"].astype(np.float32),
+                               sequential[name]["saliency"].astype(np.float32), atol=2e-3)
+  stored = json.loads((tmp_path / "dense" / io.MANIFEST_NAME).read_text())
+  assert stored["config"]["perturb"]["batching"] == "auto"
+  capsys.readouterr()
+  for flags, named in [(["--batching", "sequential", "--compute-batch", "2"], "--compute-batch"),
+                       (["--compute-batch", "0"], "--compute-batch")]:
+    assert run_batch_command([*common, "--out", str(tmp_path / "bad"), *flags]) == 2
+    message = capsys.readouterr().err
+    assert named in message and "Traceback" not in message
+
+
 def _save_png(path: Path, seed: int) -> None:
   Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(path)
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfc_jax import _loop
 from pfc_jax import coalitions
 from pfc_jax.coalitions import CoalitionConfig, extract_coalitions
 from pfc_jax.models import coalition_net

@@ -5,7 +5,6 @@ it, so it installs nothing. The kernel gets two CPU devices, so the sharded path
 photo is explained with random SqueezeNet 1.1 weights written here, so no download is tried.
 """
 
-import os
 from pathlib import Path
 
 import jax

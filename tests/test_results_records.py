@@ -1,6 +1,5 @@
 """The committed records of docs/results still parse and reprint under the current code."""
 
-import json
 from pathlib import Path
 
 import pytest

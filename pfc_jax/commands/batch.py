@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sys
@@ -20,7 +21,7 @@ from typing import Iterator
 
 import tqdm
 
-from pfc_jax import batch, io, models, parallel, sources, weights
+from pfc_jax import _loop, batch, io, models, parallel, sources, weights
 from pfc_jax.commands._common import load_weights
 from pfc_jax.explain import PRESETS, ExplainConfig
 
@@ -55,6 +56,15 @@ def add_parser(subparsers) -> None:
                       help="Images explained together over every device, and saved together; "
                            "default: one per device on the CPU (as fast, and each image is saved "
                            "when done), 64 on GPU and TPU. May change between runs.")
+  parser.add_argument("--batching", choices=_loop.BATCHINGS,
+                      help="Image layout of both stages (CoalitionConfig.batching and "
+                           "PerturbConfig.batching): 'dense' explains compute batches of images in "
+                           "one classifier batch per step; default: the preset's ('auto': "
+                           "sequential on CPU, dense on GPU and TPU). May change between runs.")
+  parser.add_argument("--compute-batch", type=int,
+                      help="Images per compiled step under the dense layout (both stages); "
+                           "lower it when a batch does not fit in device memory; default: the "
+                           "largest that fits (see PerturbConfig.compute_batch).")
   parser.add_argument("--seed", type=int, default=0, help="Image i gets fold_in(PRNGKey(seed), i).")
   parser.add_argument("--distributed", action="store_true",
                       help="Multi-host: call jax.distributed.initialize() first (run on every host).")
@@ -64,6 +74,30 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--process-id", type=int, help="This process's index (with --distributed).")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   parser.set_defaults(func=run)
+
+
+def with_execution(config: ExplainConfig, batching: str | None,
+                   compute_batch: int | None) -> ExplainConfig:
+  """`config` with both stages' `batching` and `compute_batch` set where given (None: kept).
+
+  Raises:
+    ValueError: naming `--batching` or `--compute-batch`, for a value the stages refuse.
+  """
+  changes = {}
+  if batching is not None:
+    changes["batching"] = batching
+  if compute_batch is not None:
+    if compute_batch < 1:
+      raise ValueError(f"`--compute-batch` must be at least 1, got {compute_batch}.")
+    if (batching or config.perturb.batching) not in ("dense", "auto"):
+      raise ValueError(f"`--compute-batch` has no effect under `--batching "
+                       f"{batching or config.perturb.batching}`; use `--batching dense`.")
+    changes["compute_batch"] = compute_batch
+  if not changes:
+    return config
+  return dataclasses.replace(
+      config, coalitions=dataclasses.replace(config.coalitions, **changes),
+      perturb=dataclasses.replace(config.perturb, **changes))
 
 
 def _fingerprint(weights_source: str | None) -> dict | str | None:
@@ -103,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     parallel.initialize_distributed(*cluster)
   if args.image_size is not None and args.image_size < 8:
     raise ValueError(f"`--image-size` must be at least 8 pixels, got {args.image_size}.")
-  config = ExplainConfig.preset(args.preset)
+  config = with_execution(ExplainConfig.preset(args.preset), args.batching, args.compute_batch)
   source = sources.from_args(args.images, args.tfds, args.split, args.data_dir,
                              args.image_size or models.input_size(args.model))
   variables = load_weights(args.model, args.weights)
