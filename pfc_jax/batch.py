@@ -258,6 +258,7 @@ class _Progress:
   done: int = 0
   failed: int = 0
   job_lock: _JobLock | None = None
+  bar_shown: bool = False
   write_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
   stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -288,8 +289,8 @@ def _watch_signals(read_fd: int, progress: _Progress) -> None:
   progress.stopping.set()
   progress.write_lock.acquire()  # A write under way completes; none starts after it.
   progress.release_lock()
-  tqdm.tqdm.write(progress.stop_message(signum), file=sys.stderr)
-  sys.stdout.flush()
+  sys.stdout.flush()  # The message goes below the progress bar, which stays as it was at the stop.
+  sys.stderr.write(("\n" if progress.bar_shown else "") + progress.stop_message(signum) + "\n")
   sys.stderr.flush()
   os._exit(128 + signum)  # Without waiting for the computation under way.
 
@@ -565,6 +566,7 @@ def run_job(source, classifier, out_dir: str | Path, *, config: ExplainConfig | 
                                 timings=timings)
     with contextlib.closing(reads), prefetch.WriteBehind(timings=timings) as writes, tqdm.tqdm(
         total=len(pending), unit="img", disable=not (progress and writer), desc="explain") as bar:
+      state.bar_shown = not bar.disable
       for indices, read in zip(batches, reads):
         start = time.perf_counter()
         arrays = _explain_batch(indices, read, classifier, config, seed, mesh, vgg_params)

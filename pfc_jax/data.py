@@ -135,14 +135,26 @@ def list_images(dir_or_glob: str | os.PathLike) -> list[Path]:
   a glob pattern, or a single file.
 
   Raises:
-    ValueError: naming `dir_or_glob` when nothing matches.
+    ValueError: naming `dir_or_glob` when nothing matches, and saying whether it does not exist,
+      is a folder without image files, or a glob (case-sensitive) that matches no file.
   """
   pattern = str(dir_or_glob)
   if os.path.isdir(pattern):
     paths = [p for p in Path(pattern).iterdir()
              if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-  else:
-    paths = [Path(p) for p in glob.glob(pattern) if os.path.isfile(p)]
-  if not paths:
-    raise ValueError(f"`dir_or_glob` {pattern!r} matches no image files.")
-  return sorted(paths)
+    if not paths:
+      raise ValueError(f"`dir_or_glob` {pattern!r} is a folder without image files (none with "
+                       f"the extensions {', '.join(IMAGE_EXTENSIONS)}).")
+    return sorted(paths)
+  paths = [Path(p) for p in glob.glob(pattern) if os.path.isfile(p)]
+  if paths:
+    return sorted(paths)
+  if not glob.has_magic(pattern):
+    raise ValueError(f"`dir_or_glob` {pattern!r} does not exist.")
+  hint = " (the pattern is case-sensitive)"
+  if "[" not in pattern:  # Would the pattern match, case aside? ("*.jpg" against "x.JPEG" does not.)
+    folded = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+    matches = sorted(p for p in glob.glob(folded) if os.path.isfile(p))
+    if matches:
+      hint = f"; the pattern is case-sensitive, and {matches[0]!r} differs from it only in case"
+  raise ValueError(f"`dir_or_glob` {pattern!r} matches no file{hint}.")

@@ -20,6 +20,7 @@ tfds's converter and command line import):
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,17 @@ class BadItemError(ValueError):
 
 
 def _unique_ids(paths: list[Path]) -> list[str]:
-  """File stems; stems that occur twice become paths relative to the common folder, sans suffix."""
-  stems = [p.stem for p in paths]
-  counts = {s: stems.count(s) for s in set(stems)}
-  if all(c == 1 for c in counts.values()):
-    return stems
+  """File stems; stems that occur twice become paths relative to the common folder without
+  suffix, and those that still occur twice (`a.png` and `a.jpg` in one folder) keep the suffix."""
   root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-  return [s if counts[s] == 1 else p.relative_to(root).with_suffix("").as_posix() for s, p in zip(stems, paths)]
+  ids = [p.stem for p in paths]
+  names = [lambda p: p.relative_to(root).with_suffix("").as_posix(),
+           lambda p: p.relative_to(root).as_posix()]  # The last is unique: repeated until it is.
+  while len(set(ids)) < len(ids):
+    name = names.pop(0) if len(names) > 1 else names[0]
+    counts = collections.Counter(ids)
+    ids = [i if counts[i] == 1 else name(p) for i, p in zip(ids, paths)]
+  return ids
 
 
 class ImageFolderSource:
@@ -57,7 +62,7 @@ class ImageFolderSource:
     size: Output side in pixels (resize the short side, centre crop, as `data.load_image`).
 
   Ids are file stems; files whose stems collide are named by their path relative to the common
-  folder, without suffix.
+  folder, without suffix where that tells them apart, else with it (`y.JPEG` and `y.png`).
   """
 
   def __init__(self, dir_or_glob: str | os.PathLike, size: int = 224):
@@ -259,7 +264,10 @@ def from_args(images: str | None, tfds_name: str | None, split: str | None, data
   if (images is None) == (tfds_name is None):
     raise ValueError("Give exactly one input: `--images DIR|GLOB` or `--tfds NAME --split SPLIT`.")
   if images is not None:
-    return ImageFolderSource(images, size)
+    try:
+      return ImageFolderSource(images, size)
+    except ValueError as e:
+      raise ValueError(str(e).replace("`dir_or_glob`", "`--images`", 1)) from e
   if not split:
     raise ValueError("`--split` is required with `--tfds` (e.g. `validation[:10%]`).")
   return TfdsSource(tfds_name, split, data_dir, size)

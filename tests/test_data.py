@@ -174,5 +174,12 @@ def test_list_images(tmp_path):
   assert data.list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "b.JPG"]
   assert data.list_images(tmp_path / "*.png") == [tmp_path / "a.png"]
   assert data.list_images(tmp_path / "b.JPG") == [tmp_path / "b.JPG"]
-  with pytest.raises(ValueError, match="dir_or_glob"):
+  with pytest.raises(ValueError, match="dir_or_glob.*matches no file .the pattern is case-sensitive"):
     data.list_images(tmp_path / "*.gif")
+  with pytest.raises(ValueError, match="b.JPG' differs from it only in case"):
+    data.list_images(tmp_path / "*.jpg")
+  with pytest.raises(ValueError, match="dir_or_glob.*does not exist"):
+    data.list_images(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="dir_or_glob.*is a folder without image files"):
+    data.list_images(tmp_path / "empty")

@@ -34,6 +34,14 @@ def test_duplicate_stems_are_named_by_relative_path(tmp_path):
   assert sorted(source.ids) == ["dog", "x/cat", "y/cat"]
 
 
+def test_ids_are_unique_when_stems_differ_only_in_suffix(tmp_path):
+  for name in ("y.JPEG", "y.png", "y.png.jpg", "z.png"):
+    _write_image(tmp_path / name, 0)
+  source = sources.ImageFolderSource(tmp_path, size=16)
+  assert source.ids == ["y.JPEG", "y.png", "y.png.jpg", "z"]
+  assert [source.read(i)[0] for i in range(4)] == source.ids
+
+
 def test_corrupt_file_raises_bad_item_error_naming_it(tmp_path):
   _write_image(tmp_path / "good.png", 0)
   (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -82,6 +90,13 @@ def test_from_args_needs_exactly_one_input():
     sources.from_args(None, None, None, None, 16)
   with pytest.raises(ValueError, match="split"):
     sources.from_args(None, "mnist", None, None, 16)
+
+
+def test_from_args_names_the_images_flag_and_what_is_wrong(tmp_path):
+  with pytest.raises(ValueError, match=r"^`--images` '.*nowhere' does not exist\.$"):
+    sources.from_args(str(tmp_path / "nowhere"), None, None, None, 16)
+  with pytest.raises(ValueError, match=r"^`--images` '.*\*\.png' matches no file"):
+    sources.from_args(str(tmp_path / "*.png"), None, None, None, 16)
 
 
 def _tiny_photos_build(data_dir, pixels: list[np.ndarray], file_format: str):
