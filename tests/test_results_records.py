@@ -30,3 +30,36 @@ def test_every_method_parses_and_every_fingerprint_is_current(path):
         method, preset):
       stale[method] = record["settings_id"]
   assert not stale, f"{path.name}: scores computed under other settings: {stale}"
+
+
+def _table(text: str, header: str) -> dict[str, list[str]]:
+  """`{first cell: the other cells}` of the Markdown table whose header row starts `header`."""
+  lines = text[text.index(header):].splitlines()
+  rows = {}
+  for line in lines[2:]:
+    if not line.startswith("|"):
+      break
+    cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+    rows[cells[0].replace("`", "")] = cells[1:]
+  return rows
+
+
+def test_the_readme_family_table_is_the_records_means():
+  """The README's table of PFC against its family reprints the committed records: the means of
+  each column over the 125 held-out photos, `fast` from its own records."""
+  readme = (RESULTS.parents[1] / "README.md").read_text()
+  table = _table(readme, "| method (125 held-out photos)")
+  sources = {"PFC (fast)": ("photos_heldout_two_games", "pfc"),
+             "Extremal Perturbations": ("photos_heldout_family", "extremal_perturbation"),
+             "XRAI": ("photos_heldout_family", "xrai"),
+             "LIME (quickshift)": ("photos_heldout_family", "lime"),
+             "LIME over PFC's coalitions": ("photos_heldout_family", "lime_coalitions")}
+  assert set(table) == set(sources)
+  columns = (("insertion_auc", 1, 3), ("road_morf", 1, 3), ("road_lerf", 1, 3),
+             ("average_drop_blur", 100, 1))
+  for name, (stem, method) in sources.items():
+    _, records, _ = evaluation.read_records(RESULTS / f"{stem}.records.jsonl")
+    scores = [records[(method, index)] for index in range(125, 250)]
+    for cell, (metric, scale, digits) in zip(table[name], columns):
+      mean = scale * sum(record[metric] for record in scores) / len(scores)
+      assert cell == f"{mean:.{digits}f}", (name, metric, cell, mean)
