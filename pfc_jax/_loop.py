@@ -437,14 +437,16 @@ def _memory_error(compute_batch: int, option: str, memory: DenseMemory | None,
   have = f" of the {_gb(limit)} the device may hold" if limit else ""
   return ValueError(
       f"A compute batch of {compute_batch} images needs {need}{have}; lower `{option}` "
-      f"(None picks the largest that fits){cause}.")
+      f"(`--compute-batch` on the command line; left unset, the largest that fits is "
+      f"picked){cause}.")
 
 
 def check_compute_batch(stage: Stage, static: Any, shared: Any, inputs: Any, compute_batch: int,
                         option: str = "compute_batch") -> None:
   """Raises ValueError, naming `option`, when the dense step over `compute_batch` images is
   estimated (`dense_memory`) not to fit in `device_memory_limit`; no check where the backend
-  reports no limit."""
+  reports no limit. Only shapes are read, so it also runs while `shard_map` or `jit` traces
+  the stage, before the compiled program could run out of memory."""
   limit = device_memory_limit()
   if limit is None:
     return
@@ -465,7 +467,7 @@ def _run_dense(stage: Stage, static, shared, inputs, num_steps: int, driver: Dri
   traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((shared, inputs)))
   if compute_batch is None:
     compute_batch = default_compute_batch(stage, static, shared, inputs)
-  elif not traced:
+  else:
     check_compute_batch(stage, static, shared, inputs, compute_batch, option)
   num_batches = -(-num_images // compute_batch)
   padded = _rows(inputs, np.minimum(np.arange(num_batches * compute_batch), num_images - 1))

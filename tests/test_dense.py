@@ -218,6 +218,18 @@ def test_compute_batch_follows_the_device_memory(monkeypatch):
     extract_coalitions(images, keys, _dense(COALITIONS, "python"))
 
 
+def test_a_compute_batch_that_cannot_fit_is_refused_while_tracing(monkeypatch):
+  """Inside `jit` or `shard_map` (a batch job on several devices) the inputs are tracers; the
+  estimate reads their shapes, so the error comes before the program runs out of memory."""
+  classifier, images, _ = fixture()
+  keys = jax.random.split(jax.random.key(0), 3)
+  config = _dense(PERTURB, "compiled", compute_batch=2)
+  monkeypatch.setattr(_loop, "device_memory_limit", lambda: 1)
+  traced = jax.jit(lambda c, i, l, k: perturb(c, i, l, k, config))
+  with pytest.raises(ValueError, match=r"lower `PerturbConfig.compute_batch` \(`--compute-batch`"):
+    traced(classifier, images, _labels(), keys)
+
+
 def test_out_of_memory_names_the_option(monkeypatch):
   classifier, images, _ = fixture()
 
